@@ -1,0 +1,358 @@
+"""Configuration as data: gateway settings, connectors and enclaves, checked against schemas/.
+
+A configuration directory holds `gateway.yaml` (optional), `connectors/*.yaml` and `enclaves/*.yaml`.
+`load_config` returns a `Config` or raises `ConfigError` listing every problem with file, line and field;
+nothing is half-applied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from gateway import yamldoc
+from gateway.secrets import ANY_REF, SECRET_REF, SecretSettings
+from gateway.yamldoc import Document, FieldPath, Problem
+
+GLOB_CHARS = re.compile(r"[*?\[]")
+# Env vars and headers whose values are credentials: they may only hold secret references.
+CREDENTIAL_NAME = re.compile(r"(key|token|secret|passw|credential|auth|cookie|session)", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` says where and why."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    public_url: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 4 * 1024 * 1024
+    upstream_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: ListenSettings
+    state_dir: Path
+    secrets: SecretSettings
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class StdioTarget:
+    command: str
+    args: tuple[str, ...]
+    env: dict[str, str]
+    cwd: Path
+
+
+@dataclass(frozen=True)
+class HttpTarget:
+    url: str
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Connector:
+    name: str
+    target: StdioTarget | HttpTarget
+    timeout_seconds: float
+    source: Path
+    description: str = ""
+
+    def secret_names(self) -> set[str]:
+        values = self.target.env.values() if isinstance(self.target, StdioTarget) else self.target.headers.values()
+        return {name for value in values for name in SECRET_REF.findall(value)}
+
+
+@dataclass(frozen=True)
+class Patterns:
+    """Names or globs; an empty set matches nothing (deny by default)."""
+
+    items: tuple[str, ...] = ()
+
+    def matches(self, value: str) -> bool:
+        return any(fnmatchcase(value, pattern) for pattern in self.items)
+
+    def literals(self) -> tuple[str, ...]:
+        return tuple(p for p in self.items if not GLOB_CHARS.search(p))
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What an enclave exposes of one connector, and under which names."""
+
+    tools: Patterns = Patterns()
+    resources: Patterns = Patterns()
+    prompts: Patterns = Patterns()
+    prefix: str = ""
+    rename: dict[str, str] = field(default_factory=dict)
+
+    def exposed_name(self, upstream_name: str) -> str:
+        return self.rename.get(upstream_name) or self.prefix + upstream_name
+
+    def exposed_prompt_name(self, upstream_name: str) -> str:
+        return self.prefix + upstream_name
+
+
+@dataclass(frozen=True)
+class Enclave:
+    name: str
+    agents: tuple[str, ...]
+    connectors: dict[str, Exposure]
+    source: Path
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    settings: Settings
+    connectors: dict[str, Connector]
+    enclaves: dict[str, Enclave]
+
+    def enclave_of(self, agent: str) -> Enclave | None:
+        for enclave in self.enclaves.values():
+            if agent in enclave.agents:
+                return enclave
+        return None
+
+    def secret_names(self) -> set[str]:
+        return {name for connector in self.connectors.values() for name in connector.secret_names()}
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def schema_dir() -> Path:
+    """schemas/ ships inside the wheel as gateway/schemas; in a checkout it sits beside the package."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "schemas"
+    return packaged if packaged.is_dir() else here.parent / "schemas"
+
+
+@cache
+def _validator(kind: str) -> Draft202012Validator:
+    schema = json.loads((schema_dir() / f"{kind}.schema.json").read_text(encoding="utf-8"))
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def _schema_problems(doc: Document, kind: str) -> list[Problem]:
+    problems = []
+    for error in sorted(_validator(kind).iter_errors(doc.data), key=lambda e: list(map(str, e.absolute_path))):
+        path = list(error.absolute_path)
+        if error.validator == "oneOf" and kind == "connector":
+            message = "exactly one of 'stdio' or 'http' is required"
+        elif error.validator == "additionalProperties":
+            message = error.message.replace("Additional properties are not allowed", "unknown field(s)")
+        else:
+            message = error.message
+        problems.append(doc.problem(path, message))
+    return problems
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(root: Path | str) -> Config:
+    """Load and check the configuration directory `root`; raise ConfigError listing every problem."""
+    root = Path(root).resolve()
+    problems: list[Problem] = []
+    if not root.is_dir():
+        raise ConfigError([Problem(root, "", "configuration directory does not exist")])
+
+    def read(path: Path, kind: str) -> Document | None:
+        doc, found = yamldoc.load(path, display=path.relative_to(root))
+        if not found and doc.data is None and kind != "gateway":
+            found = [doc.problem([], "file is empty")]
+        if not found:
+            found = _schema_problems(doc, kind) if doc.data is not None else []
+        problems.extend(found)
+        return None if found else doc
+
+    gateway_file = root / "gateway.yaml"
+    settings_doc = read(gateway_file, "gateway") if gateway_file.exists() else None
+    settings = _settings(root, settings_doc.data if settings_doc and settings_doc.data else {})
+
+    connectors: dict[str, Connector] = {}
+    for path in sorted((root / "connectors").glob("*.yaml")):
+        if doc := read(path, "connector"):
+            connector = _connector(root, doc, problems)
+            if connector.name in connectors:
+                problems.append(doc.problem(["name"], f"connector {connector.name!r} is defined twice"))
+            connectors[connector.name] = connector
+
+    enclaves: dict[str, Enclave] = {}
+    agent_home: dict[str, str] = {}
+    for path in sorted((root / "enclaves").glob("*.yaml")):
+        if doc := read(path, "enclave"):
+            enclave = _enclave(doc, connectors, agent_home, problems)
+            if enclave.name in enclaves:
+                problems.append(doc.problem(["name"], f"enclave {enclave.name!r} is defined twice"))
+            enclaves[enclave.name] = enclave
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(root, settings, connectors, enclaves)
+
+
+def _settings(root: Path, data: dict[str, Any]) -> Settings:
+    listen = data.get("listen", {})
+    state_dir = (root / data.get("state_dir", ".enclave")).resolve()
+    secrets = data.get("secrets", {})
+    limits = data.get("limits", {})
+    return Settings(
+        listen=ListenSettings(
+            host=listen.get("host", "127.0.0.1"),
+            port=listen.get("port", 8765),
+            public_url=listen.get("public_url"),
+            allowed_hosts=tuple(listen.get("allowed_hosts", ())),
+            allowed_origins=tuple(listen.get("allowed_origins", ())),
+        ),
+        state_dir=state_dir,
+        secrets=SecretSettings(
+            sources=tuple(secrets.get("sources", ("env", "dir"))),
+            env_prefix=secrets.get("env_prefix", "ENCLAVE_SECRET_"),
+            dir=(root / secrets["dir"]).resolve() if "dir" in secrets else state_dir / "secrets",
+            keyring_service=secrets.get("keyring_service", "enclave-gateway"),
+        ),
+        limits=Limits(
+            max_request_bytes=limits.get("max_request_bytes", Limits.max_request_bytes),
+            upstream_timeout_seconds=limits.get("upstream_timeout_seconds", Limits.upstream_timeout_seconds),
+        ),
+    )
+
+
+def _check_name_matches_file(doc: Document, problems: list[Problem]) -> None:
+    if doc.data["name"] != doc.path.stem:
+        problems.append(doc.problem(["name"], f"name {doc.data['name']!r} must match the file name {doc.path.name!r}"))
+
+
+def _check_values(
+    doc: Document, base: FieldPath, values: dict[str, str], problems: list[Problem], *, kind: str
+) -> None:
+    """Only `${secret:NAME}` references are allowed, and credential-like names must use them."""
+    for name, value in values.items():
+        path = [*base, name]
+        for ref in ANY_REF.findall(value):
+            if not SECRET_REF.fullmatch("${" + ref + "}"):
+                problems.append(doc.problem(path, f"unknown reference ${{{ref}}}; use ${{secret:NAME}}"))
+        if CREDENTIAL_NAME.search(name) and not SECRET_REF.search(value):
+            problems.append(
+                doc.problem(path, f"{kind} {name!r} looks like a credential: give it as ${{secret:NAME}}, not inline")
+            )
+
+
+def _connector(root: Path, doc: Document, problems: list[Problem]) -> Connector:
+    data = doc.data
+    _check_name_matches_file(doc, problems)
+    target: StdioTarget | HttpTarget
+    if "stdio" in data:
+        stdio = data["stdio"]
+        command = stdio["command"].replace("${python}", sys.executable)
+        args = tuple(stdio.get("args", ()))
+        for index, arg in enumerate(args):
+            if ANY_REF.search(arg):
+                problems.append(
+                    doc.problem(["stdio", "args", index], "references are not allowed in args; pass secrets in env")
+                )
+        if ANY_REF.search(command):
+            problems.append(doc.problem(["stdio", "command"], "only ${python} may be used in command"))
+        env = dict(stdio.get("env", {}))
+        _check_values(doc, ["stdio", "env"], env, problems, kind="environment variable")
+        cwd = (root / stdio.get("cwd", ".")).resolve()
+        if not cwd.is_dir():
+            problems.append(doc.problem(["stdio", "cwd"], f"directory {cwd} does not exist"))
+        target = StdioTarget(command, args, env, cwd)
+    else:
+        http = data["http"]
+        headers = dict(http.get("headers", {}))
+        _check_values(doc, ["http", "headers"], headers, problems, kind="header")
+        if ANY_REF.search(http["url"]):
+            problems.append(doc.problem(["http", "url"], "references are not allowed in the URL; use a header"))
+        target = HttpTarget(http["url"], headers)
+    return Connector(
+        name=data["name"],
+        target=target,
+        timeout_seconds=float(data.get("timeout_seconds", 60)),
+        source=doc.path,
+        description=data.get("description", ""),
+    )
+
+
+def _enclave(
+    doc: Document, connectors: dict[str, Connector], agent_home: dict[str, str], problems: list[Problem]
+) -> Enclave:
+    data = doc.data
+    _check_name_matches_file(doc, problems)
+    for index, agent in enumerate(data["agents"]):
+        if agent in agent_home:
+            problems.append(
+                doc.problem(["agents", index], f"agent {agent!r} already belongs to enclave {agent_home[agent]!r}")
+            )
+        agent_home.setdefault(agent, data["name"])
+
+    exposures: dict[str, Exposure] = {}
+    for connector_name, spec in data["connectors"].items():
+        base = ["connectors", connector_name]
+        if connector_name not in connectors:
+            problems.append(
+                doc.problem(base, f"unknown connector {connector_name!r} (no connectors/{connector_name}.yaml)")
+            )
+        spec = spec or {}
+        exposure = Exposure(
+            tools=Patterns(tuple(spec.get("tools", ()))),
+            resources=Patterns(tuple(spec.get("resources", ()))),
+            prompts=Patterns(tuple(spec.get("prompts", ()))),
+            prefix=spec.get("prefix", ""),
+            rename=dict(spec.get("rename", {})),
+        )
+        for upstream_name in exposure.rename:
+            if not exposure.tools.matches(upstream_name):
+                problems.append(
+                    doc.problem(
+                        [*base, "rename", upstream_name], f"renames {upstream_name!r}, which 'tools' does not expose"
+                    )
+                )
+        exposures[connector_name] = exposure
+
+    # Names known at load time must be unique inside the enclave; globbed names are checked when listed.
+    exposed: dict[str, str] = {}
+    for connector_name, exposure in exposures.items():
+        literal = {*exposure.tools.literals(), *exposure.rename}
+        for upstream_name in sorted(literal):
+            name = exposure.exposed_name(upstream_name)
+            if name in exposed and exposed[name] != f"{connector_name}.{upstream_name}":
+                problems.append(
+                    doc.problem(
+                        ["connectors", connector_name, "tools"],
+                        f"tool name collision: {name!r} is exposed by both {exposed[name]} and "
+                        f"{connector_name}.{upstream_name}; use 'prefix' or 'rename'",
+                    )
+                )
+            exposed.setdefault(name, f"{connector_name}.{upstream_name}")
+    return Enclave(data["name"], tuple(data["agents"]), exposures, doc.path, data.get("description", ""))

@@ -1,0 +1,347 @@
+"""The request path: one pipeline, one enforcement point, for every MCP method an agent can send.
+
+    authenticate -> enclave view -> authorize -> validate -> forward (credentials live in the upstream
+    session) -> redact -> result
+
+Authentication happens per HTTP request in `gateway.auth`; every handler here starts from the agent it
+produced and resolves its enclave view, so no method, transport or retry reaches an upstream without
+passing the same authorize step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import mcp_types as types
+from mcp import MCPError
+from mcp.server import ServerRequestContext
+from mcp.server.session import ServerSession
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ServerEvent,
+    ToolsListChanged,
+)
+from mcp.shared.message import ServerMessageMetadata
+from mcp_types import INVALID_REQUEST
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel
+
+from gateway import errors
+from gateway.auth import Agent, AuthenticatedAgent, current_agent
+from gateway.config import Config
+from gateway.redact import Redactor
+from gateway.secrets import SecretResolver
+from gateway.upstream import ListKind, Upstream, UpstreamPool
+from gateway.view import EnclaveView
+
+logger = logging.getLogger(__name__)
+
+ResultT = TypeVar("ResultT", bound=BaseModel)
+IDENTITY_META_PREFIX = "io.modelcontextprotocol/"
+MAX_INPUT_ROUNDS = 10
+
+_INPUT_RESULT_TYPES: dict[str, type[BaseModel]] = {
+    "elicitation/create": types.ElicitResult,
+    "sampling/createMessage": types.CreateMessageResult,
+    "roots/list": types.ListRootsResult,
+}
+_INPUT_CAPABILITY = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
+_CHANGE_EVENTS: dict[ListKind, ServerEvent] = {
+    "tools": ToolsListChanged(),
+    "prompts": PromptsListChanged(),
+    "resources": ResourcesListChanged(),
+}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking, resolved from the authenticated agent on every request."""
+
+    agent: Agent
+    view: EnclaveView
+    session_id: str | None
+
+
+def forwardable_meta(meta: Any) -> dict[str, Any] | None:
+    """The agent's `_meta` minus protocol identity keys (the upstream session stamps its own) and the
+    progress token (the SDK assigns the upstream one and progress is relayed by closure)."""
+    if not meta:
+        return None
+    data = meta if isinstance(meta, dict) else meta.model_dump(by_alias=True, exclude_none=True)
+    kept = {k: v for k, v in data.items() if not k.startswith(IDENTITY_META_PREFIX) and k != "progressToken"}
+    return kept or None
+
+
+class Gateway:
+    """Holds the live configuration and serves every agent-facing MCP method."""
+
+    def __init__(self, config: Config, resolver: SecretResolver, redactor: Redactor):
+        self.config = config
+        self.redactor = redactor
+        self.pool = UpstreamPool(
+            {
+                name: Upstream(connector, resolver, redactor, self.upstream_list_changed)
+                for name, connector in config.connectors.items()
+            }
+        )
+        self.views = {name: EnclaveView(enclave, self.pool) for name, enclave in config.enclaves.items()}
+        self._buses = {name: InMemorySubscriptionBus() for name in config.enclaves}
+        self._listeners = {name: ListenHandler(bus) for name, bus in self._buses.items()}
+        self._legacy_sessions: dict[str, tuple[str, ServerSession]] = {}
+
+    # -- authenticate -> enclave view ----------------------------------------------------------
+
+    def caller(self, ctx: ServerRequestContext[Any, Any]) -> Caller:
+        """The caller of this request; anything unexpected denies (fail closed)."""
+        user = ctx.request.scope.get("user") if ctx.request is not None else None
+        if not isinstance(user, AuthenticatedAgent):
+            raise MCPError(INVALID_REQUEST, "Authentication required")
+        view = self.views.get(user.agent.enclave)
+        if view is None:
+            raise MCPError(INVALID_REQUEST, "Authentication required")
+        session_id = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else None
+        if session_id and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            self._legacy_sessions[session_id] = (user.agent.enclave, ctx.session)
+        return Caller(user.agent, view, session_id)
+
+    def cached_input_schema(self, name: str) -> dict[str, Any] | None:
+        """The SDK's hook for checking 2026-era `Mcp-Param-*` headers; None (skip) until the view is listed."""
+        agent = current_agent.get()
+        view = self.views.get(agent.enclave) if agent is not None else None
+        tool = view.cached_tool(name) if view is not None else None
+        return tool.definition.input_schema if tool is not None else None
+
+    # -- tools ---------------------------------------------------------------------------------
+
+    async def list_tools(self, ctx: ServerRequestContext[Any, Any], params: Any) -> types.ListToolsResult:
+        caller = self.caller(ctx)
+        tools = [tool.definition for tool in (await caller.view.tools()).values()]
+        return self._clean(types.ListToolsResult(tools=tools))
+
+    async def call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult | types.InputRequiredResult:
+        caller = self.caller(ctx)
+        tool = await caller.view.tool(params.name)
+        if tool is None:
+            raise errors.unknown_tool(params.name)
+        tool.validator.validate(params.arguments)
+        upstream = self.pool[tool.connector]
+        progress = self._progress_relay(ctx)
+
+        async def send(responses: Any, state: str | None) -> Any:
+            async with upstream.request() as session:
+                return await session.call_tool(
+                    tool.upstream_name,
+                    params.arguments,
+                    progress_callback=progress,
+                    input_responses=responses,
+                    request_state=state,
+                    meta=forwardable_meta(params.meta),
+                    allow_input_required=True,
+                )
+
+        return self._clean(await self._with_input(ctx, send, params.input_responses, params.request_state))
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    async def list_prompts(self, ctx: ServerRequestContext[Any, Any], params: Any) -> types.ListPromptsResult:
+        caller = self.caller(ctx)
+        prompts = [prompt.definition for prompt in (await caller.view.prompts()).values()]
+        return self._clean(types.ListPromptsResult(prompts=prompts))
+
+    async def get_prompt(
+        self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult | types.InputRequiredResult:
+        caller = self.caller(ctx)
+        prompt = await caller.view.prompt(params.name)
+        if prompt is None:
+            raise errors.unknown_prompt(params.name)
+        upstream = self.pool[prompt.connector]
+
+        async def send(responses: Any, state: str | None) -> Any:
+            async with upstream.request() as session:
+                return await session.get_prompt(
+                    prompt.upstream_name,
+                    params.arguments,
+                    input_responses=responses,
+                    request_state=state,
+                    meta=forwardable_meta(params.meta),
+                    allow_input_required=True,
+                )
+
+        return self._clean(await self._with_input(ctx, send, params.input_responses, params.request_state))
+
+    # -- resources -----------------------------------------------------------------------------
+
+    async def list_resources(self, ctx: ServerRequestContext[Any, Any], params: Any) -> types.ListResourcesResult:
+        caller = self.caller(ctx)
+        return self._clean(types.ListResourcesResult(resources=await caller.view.resources()))
+
+    async def list_resource_templates(
+        self, ctx: ServerRequestContext[Any, Any], params: Any
+    ) -> types.ListResourceTemplatesResult:
+        caller = self.caller(ctx)
+        templates = await caller.view.resource_templates()
+        return self._clean(types.ListResourceTemplatesResult(resource_templates=templates))
+
+    async def read_resource(
+        self, ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult | types.InputRequiredResult:
+        caller = self.caller(ctx)
+        connector = caller.view.resource_connector(params.uri)
+        if connector is None:
+            raise errors.unknown_resource(params.uri)
+        upstream = self.pool[connector]
+
+        async def send(responses: Any, state: str | None) -> Any:
+            async with upstream.request() as session:
+                return await session.read_resource(
+                    params.uri,
+                    input_responses=responses,
+                    request_state=state,
+                    meta=forwardable_meta(params.meta),
+                    allow_input_required=True,
+                )
+
+        return self._clean(await self._with_input(ctx, send, params.input_responses, params.request_state))
+
+    # -- completion ----------------------------------------------------------------------------
+
+    async def complete(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams
+    ) -> types.CompleteResult:
+        caller = self.caller(ctx)
+        ref = params.ref
+        if isinstance(ref, types.PromptReference):
+            prompt = await caller.view.prompt(ref.name)
+            if prompt is None:
+                raise errors.unknown_prompt(ref.name)
+            connector, upstream_ref = prompt.connector, ref.model_copy(update={"name": prompt.upstream_name})
+        else:
+            connector = caller.view.resource_connector(ref.uri)
+            if connector is None:
+                raise errors.unknown_resource(ref.uri)
+            upstream_ref = ref
+        context = params.context.arguments if params.context is not None else None
+        async with self.pool[connector].request() as session:
+            result = await session.complete(upstream_ref, params.argument.model_dump(), context_arguments=context)
+        return self._clean(result)
+
+    # -- change notifications ------------------------------------------------------------------
+
+    async def listen(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
+    ) -> types.SubscriptionsListenResult:
+        """2026-era agents receive list changes on a listen stream of their own enclave's bus."""
+        caller = self.caller(ctx)
+        return await self._listeners[caller.agent.enclave](ctx, params)
+
+    async def upstream_list_changed(self, connector: str, kind: ListKind) -> None:
+        """An upstream's list changed: every enclave that uses it re-filters and tells its agents."""
+        for name, view in self.views.items():
+            if not view.uses(connector):
+                continue
+            view.invalidate(kind)
+            await self._buses[name].publish(_CHANGE_EVENTS[kind])
+            for session_id, (enclave, session) in list(self._legacy_sessions.items()):
+                if enclave == name:
+                    await self._notify_legacy(session_id, session, kind)
+
+    async def _notify_legacy(self, session_id: str, session: ServerSession, kind: ListKind) -> None:
+        send: Callable[[], Awaitable[None]] = {
+            "tools": session.send_tool_list_changed,
+            "prompts": session.send_prompt_list_changed,
+            "resources": session.send_resource_list_changed,
+        }[kind]
+        try:
+            with anyio.fail_after(5):
+                await send()
+        except Exception:
+            self._legacy_sessions.pop(session_id, None)
+
+    # -- shared steps --------------------------------------------------------------------------
+
+    def _progress_relay(self, ctx: ServerRequestContext[Any, Any]) -> Any:
+        """Relay upstream progress to the agent, under the agent's own progress token."""
+        if ctx.meta is None or ctx.meta.get("progressToken") is None:
+            return None
+
+        async def relay(progress: float, total: float | None, message: str | None) -> None:
+            await ctx.session.report_progress(progress, total, self.redactor.text(message) if message else message)
+
+        return relay
+
+    async def _with_input(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        send: Callable[[Any, str | None], Awaitable[Any]],
+        responses: Any,
+        state: str | None,
+    ) -> Any:
+        """Forward a request whose upstream may answer input_required (elicitation, sampling, roots).
+
+        A 2026-era agent gets the input_required result and retries itself; for a handshake-era agent the
+        gateway asks over the agent's back-channel and retries upstream. Either way only what the agent
+        declared it can answer is asked of it.
+        """
+        result = await send(responses, state)
+        for _ in range(MAX_INPUT_ROUNDS):
+            if not isinstance(result, types.InputRequiredResult):
+                return result
+            requests = result.input_requests or {}
+            self._check_input_capabilities(ctx, requests)
+            if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                return result
+            answers = {
+                key: await ctx.session.send_request(
+                    request,
+                    _INPUT_RESULT_TYPES[request.method],
+                    metadata=ServerMessageMetadata(related_request_id=ctx.request_id),
+                )
+                for key, request in requests.items()
+            }
+            result = await send(answers, result.request_state)
+        if isinstance(result, types.InputRequiredResult):
+            raise MCPError(INVALID_REQUEST, f"Upstream asked for input more than {MAX_INPUT_ROUNDS} times; gave up")
+        return result
+
+    def _check_input_capabilities(self, ctx: ServerRequestContext[Any, Any], requests: dict[str, Any]) -> None:
+        declared = ctx.session.client_capabilities
+        for request in requests.values():
+            capability = _INPUT_CAPABILITY.get(request.method)
+            if capability is None or declared is None or getattr(declared, capability, None) is None:
+                raise MCPError(
+                    INVALID_REQUEST,
+                    f"This call needs {capability or request.method} from your client, which it did not declare; "
+                    "use a client that supports it",
+                )
+
+    def _clean(self, result: ResultT) -> ResultT:
+        """Redact brokered secrets and strip upstream identity keys from a result about to leave."""
+        data = result.model_dump(by_alias=True, exclude_none=True, mode="json")
+        cleaned = _strip_identity(self.redactor.value(data))
+        return type(result).model_validate(cleaned, by_name=False)
+
+
+def _strip_identity(value: Any) -> Any:
+    """Drop `io.modelcontextprotocol/*` keys from every `_meta` (they would reveal the upstream)."""
+    if isinstance(value, dict):
+        return {
+            key: (
+                {k: _strip_identity(v) for k, v in item.items() if not k.startswith(IDENTITY_META_PREFIX)}
+                if key == "_meta" and isinstance(item, dict)
+                else _strip_identity(item)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_strip_identity(item) for item in value]
+    return value

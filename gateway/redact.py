@@ -1,0 +1,73 @@
+"""Scrub brokered secrets from everything that leaves the gateway.
+
+An upstream may echo its environment or its request headers, raw or encoded. For each secret we match
+the raw value, its JSON-escaped form, lower/upper hex, URL encodings, and base64 (standard and URL-safe)
+at all three byte alignments, so a secret embedded inside a longer base64 blob is caught as well.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+REPLACEMENT = "[REDACTED]"
+# Shorter secrets would make the encoded forms match ordinary text; config check refuses them.
+MIN_SECRET_LENGTH = 8
+
+
+def _base64_cores(value: bytes) -> set[str]:
+    """The characters of base64(prefix + value) that depend on `value` alone, for prefix lengths 0, 1, 2."""
+    cores = set()
+    for shift, skip in ((0, 0), (1, 2), (2, 3)):
+        encoded = base64.b64encode(b"\0" * shift + value).decode().rstrip("=")
+        end = -1 if (shift + len(value)) % 3 else None
+        core = encoded[skip:end]
+        cores |= {core, core.replace("+", "-").replace("/", "_")}
+    return cores
+
+
+def variants(secret: str) -> set[str]:
+    raw = secret.encode()
+    forms = {
+        secret,
+        json.dumps(secret)[1:-1],
+        binascii.hexlify(raw).decode(),
+        binascii.hexlify(raw).decode().upper(),
+        quote(secret, safe=""),
+        quote_plus(secret, safe=""),
+        *_base64_cores(raw),
+    }
+    return {form for form in forms if len(form) >= MIN_SECRET_LENGTH // 2}
+
+
+class Redactor:
+    """Replaces every known secret form in strings and JSON-like structures."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        self._pattern: re.Pattern[str] | None = None
+        self.update(secrets)
+
+    def update(self, secrets: Iterable[str]) -> None:
+        forms = {form for secret in secrets if secret for form in variants(secret)}
+        ordered = sorted(forms, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def text(self, value: str) -> str:
+        return self._pattern.sub(REPLACEMENT, value) if self._pattern is not None else value
+
+    def value(self, obj: Any) -> Any:
+        """A copy of a JSON-like value with every string (keys included) redacted."""
+        if self._pattern is None:
+            return obj
+        if isinstance(obj, str):
+            return self.text(obj)
+        if isinstance(obj, dict):
+            return {self.text(k) if isinstance(k, str) else k: self.value(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [self.value(item) for item in obj]
+        return obj

@@ -1,0 +1,144 @@
+"""The agent-facing HTTP application: MCP streamable HTTP at /mcp, bearer-authenticated.
+
+Built from the SDK's pieces (low-level `Server`, `StreamableHTTPSessionManager`, `RequireAuthMiddleware`,
+RFC 9728 metadata routes, DNS-rebinding checks) with the gateway's own authentication backend and
+lifespan, which owns the state store, the upstream sessions and the admin control socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from mcp.server import NotificationOptions, Server
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
+from mcp.server.auth.middleware.bearer_auth import RequireAuthMiddleware
+from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
+from mcp.server.models import InitializationOptions
+from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import AnyHttpUrl
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.routing import Route
+
+from gateway import __version__, control
+from gateway.auth import AgentDirectory, BearerBackend
+from gateway.config import Config, ListenSettings
+from gateway.pipeline import Gateway
+from gateway.state import StateStore
+
+logger = logging.getLogger(__name__)
+
+MCP_PATH = "/mcp"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+INSTRUCTIONS = (
+    "This is an enclave gateway. You see only the tools, resources and prompts of your enclave; "
+    "credentials for upstream servers are held by the gateway."
+)
+
+
+class GatewayServer(Server[Any]):
+    """Advertises list-changed notifications: the gateway relays (re-filtered) upstream list changes."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        everything = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+        return super().create_initialization_options(
+            notification_options or everything, experimental_capabilities, extensions
+        )
+
+
+def mcp_server(gateway: Gateway) -> GatewayServer:
+    return GatewayServer(
+        "enclave-gateway",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        get_tool_input_schema=gateway.cached_input_schema,
+        on_list_tools=gateway.list_tools,
+        on_call_tool=gateway.call_tool,
+        on_list_resources=gateway.list_resources,
+        on_list_resource_templates=gateway.list_resource_templates,
+        on_read_resource=gateway.read_resource,
+        on_list_prompts=gateway.list_prompts,
+        on_get_prompt=gateway.get_prompt,
+        on_completion=gateway.complete,
+        on_subscriptions_listen=gateway.listen,
+    )
+
+
+def base_url(listen: ListenSettings) -> str:
+    if listen.public_url:
+        return listen.public_url
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    return f"http://{host}:{listen.port}"
+
+
+def transport_security(listen: ListenSettings) -> TransportSecuritySettings:
+    """Host and Origin allowlists against DNS rebinding, whatever the bind address."""
+    hosts = list(listen.allowed_hosts)
+    origins = list(listen.allowed_origins)
+    if listen.host in LOOPBACK or not hosts:
+        hosts += ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+        origins += ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+    if listen.public_url:
+        authority = listen.public_url.split("://", 1)[1]
+        hosts.append(authority)
+        origins.append(listen.public_url)
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def build_app(config: Config, gateway: Gateway, directory: AgentDirectory) -> Starlette:
+    settings = config.settings
+    server = mcp_server(gateway)
+    sessions = StreamableHTTPSessionManager(
+        app=server,
+        security_settings=transport_security(settings.listen),
+        max_request_body_size=settings.limits.max_request_bytes,
+    )
+    resource_url = AnyHttpUrl(base_url(settings.listen) + MCP_PATH)
+    endpoint = RequireAuthMiddleware(StreamableHTTPASGIApp(sessions), [], build_resource_metadata_url(resource_url))
+    routes = [
+        Route(MCP_PATH, endpoint=endpoint),
+        *create_protected_resource_routes(
+            resource_url=resource_url,
+            authorization_servers=[AnyHttpUrl(base_url(settings.listen))],
+            scopes_supported=[],
+            resource_name="enclave gateway",
+        ),
+    ]
+
+    async def reload_agents() -> None:
+        async with StateStore.open(settings.state_dir) as store:
+            directory.replace(await store.agents(), config)
+
+    async def on_control(message: Mapping[str, object]) -> dict[str, object]:
+        if message.get("op") == "reload-agents":
+            await reload_agents()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown operation {message.get('op')!r}"}
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await reload_agents()
+        async with gateway.pool.running(), sessions.run(), anyio.create_task_group() as tg:
+            tg.start_soon(control.serve, settings.state_dir, on_control)
+            yield
+            tg.cancel_scope.cancel()
+
+    return Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(AuthenticationMiddleware, backend=BearerBackend(directory)),
+            Middleware(AuthContextMiddleware),
+        ],
+        lifespan=lifespan,
+    )
