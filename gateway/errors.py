@@ -10,21 +10,23 @@ from __future__ import annotations
 from mcp import MCPError
 from mcp_types import INTERNAL_ERROR, INVALID_PARAMS
 
+from gateway.invocation import Denied
+
 UPSTREAM_UNAVAILABLE = -32001
 RESOURCE_NOT_FOUND = -32002  # the code MCP servers use for an unknown resource
 UPSTREAM_TIMEOUT = -32004
 
 
-def unknown_tool(name: str) -> MCPError:
-    return MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
+def unknown_tool(name: str) -> Denied:
+    return Denied(INVALID_PARAMS, f"Unknown tool: {name}", "not_in_enclave")
 
 
-def unknown_prompt(name: str) -> MCPError:
-    return MCPError(INVALID_PARAMS, f"Unknown prompt: {name}")
+def unknown_prompt(name: str) -> Denied:
+    return Denied(INVALID_PARAMS, f"Unknown prompt: {name}", "not_in_enclave")
 
 
-def unknown_resource(uri: str) -> MCPError:
-    return MCPError(RESOURCE_NOT_FOUND, f"Resource not found: {uri}")
+def unknown_resource(uri: str) -> Denied:
+    return Denied(RESOURCE_NOT_FOUND, f"Resource not found: {uri}", "not_in_enclave")
 
 
 def upstream_unavailable(connector: str) -> str:
@@ -35,9 +37,9 @@ def upstream_timeout(connector: str) -> str:
     return f"Upstream server '{connector}' did not answer in time; the request was cancelled"
 
 
-def invalid_arguments(tool: str, field: str, problem: str) -> MCPError:
+def invalid_arguments(tool: str, field: str, problem: str) -> Denied:
     where = f"argument '{field}'" if field else "arguments"
-    return MCPError(INVALID_PARAMS, f"Invalid {where} for tool {tool}: {problem}")
+    return Denied(INVALID_PARAMS, f"Invalid {where} for tool {tool}: {problem}", "invalid_arguments")
 
 
 def internal(correlation_id: str) -> MCPError:

@@ -11,8 +11,9 @@ passing the same authorize step.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
@@ -29,13 +30,14 @@ from mcp.server.subscriptions import (
     ToolsListChanged,
 )
 from mcp.shared.message import ServerMessageMetadata
-from mcp_types import INVALID_REQUEST
+from mcp_types import INTERNAL_ERROR, INVALID_REQUEST
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
 from gateway import errors
-from gateway.auth import Agent, AuthenticatedAgent, current_agent
+from gateway.auth import AuthenticatedAgent, current_agent
 from gateway.config import Config
+from gateway.invocation import Denied, Invocation, Recorder
 from gateway.redact import Redactor
 from gateway.secrets import SecretResolver
 from gateway.upstream import ListKind, Upstream, UpstreamPool
@@ -53,20 +55,12 @@ _INPUT_RESULT_TYPES: dict[str, type[BaseModel]] = {
     "roots/list": types.ListRootsResult,
 }
 _INPUT_CAPABILITY = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
+_UPSTREAM_REASONS = {errors.UPSTREAM_UNAVAILABLE: "upstream_unavailable", errors.UPSTREAM_TIMEOUT: "upstream_timeout"}
 _CHANGE_EVENTS: dict[ListKind, ServerEvent] = {
     "tools": ToolsListChanged(),
     "prompts": PromptsListChanged(),
     "resources": ResourcesListChanged(),
 }
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is asking, resolved from the authenticated agent on every request."""
-
-    agent: Agent
-    view: EnclaveView
-    session_id: str | None
 
 
 def forwardable_meta(meta: Any) -> dict[str, Any] | None:
@@ -82,9 +76,10 @@ def forwardable_meta(meta: Any) -> dict[str, Any] | None:
 class Gateway:
     """Holds the live configuration and serves every agent-facing MCP method."""
 
-    def __init__(self, config: Config, resolver: SecretResolver, redactor: Redactor):
+    def __init__(self, config: Config, resolver: SecretResolver, redactor: Redactor, recorder: Recorder):
         self.config = config
         self.redactor = redactor
+        self.recorder = recorder
         self.pool = UpstreamPool(
             {
                 name: Upstream(connector, resolver, redactor, self.upstream_list_changed)
@@ -96,20 +91,51 @@ class Gateway:
         self._listeners = {name: ListenHandler(bus) for name, bus in self._buses.items()}
         self._legacy_sessions: dict[str, tuple[str, ServerSession]] = {}
 
-    # -- authenticate -> enclave view ----------------------------------------------------------
+    # -- authenticate -> enclave view -> (handler) -> record ------------------------------------
 
-    def caller(self, ctx: ServerRequestContext[Any, Any]) -> Caller:
-        """The caller of this request; anything unexpected denies (fail closed)."""
+    @asynccontextmanager
+    async def invocation(
+        self, ctx: ServerRequestContext[Any, Any], target: str | None = None
+    ) -> AsyncIterator[Invocation]:
+        """Run one request: resolve who asks and their view, map every way it can end to a decision,
+        and record it before the reply leaves. Anything unexpected denies (fail closed)."""
+        call = Invocation(method=ctx.method, target=target, protocol_version=ctx.protocol_version)
+        call.request_id = ctx.request_id
+        try:
+            self._resolve_caller(ctx, call)
+            yield call
+        except Denied as exc:
+            call.deny(exc.reason, exc.error.code)
+            raise
+        except MCPError as exc:
+            call.fail(_UPSTREAM_REASONS.get(exc.error.code, "upstream_error"), exc.error.code)
+            raise
+        except Exception:
+            correlation_id = uuid.uuid4().hex[:12]
+            logger.exception("internal error in %s (correlation id %s)", ctx.method, correlation_id)
+            call.broke(correlation_id, INTERNAL_ERROR)
+            raise errors.internal(correlation_id) from None
+        finally:
+            await self.recorder.record(call)
+
+    def _resolve_caller(self, ctx: ServerRequestContext[Any, Any], call: Invocation) -> None:
         user = ctx.request.scope.get("user") if ctx.request is not None else None
         if not isinstance(user, AuthenticatedAgent):
-            raise MCPError(INVALID_REQUEST, "Authentication required")
-        view = self.views.get(user.agent.enclave)
-        if view is None:
-            raise MCPError(INVALID_REQUEST, "Authentication required")
-        session_id = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else None
-        if session_id and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-            self._legacy_sessions[session_id] = (user.agent.enclave, ctx.session)
-        return Caller(user.agent, view, session_id)
+            raise Denied(INVALID_REQUEST, "Authentication required", "unauthenticated")
+        call.agent = user.agent
+        if user.agent.enclave not in self.views:
+            raise Denied(INVALID_REQUEST, "Authentication required", "agent_not_in_enclave")
+        client = ctx.session.client_params.client_info if ctx.session.client_params else None
+        if client is not None:
+            call.client_name, call.client_version = client.name, client.version
+        if ctx.request is not None and (session_id := ctx.request.headers.get("mcp-session-id")):
+            call.session_id = session_id
+            if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+                self._legacy_sessions[session_id] = (user.agent.enclave, ctx.session)
+
+    def view_of(self, call: Invocation) -> EnclaveView:
+        assert call.agent is not None
+        return self.views[call.agent.enclave]
 
     def cached_input_schema(self, name: str) -> dict[str, Any] | None:
         """The SDK's hook for checking 2026-era `Mcp-Param-*` headers; None (skip) until the view is listed."""
@@ -121,119 +147,130 @@ class Gateway:
     # -- tools ---------------------------------------------------------------------------------
 
     async def list_tools(self, ctx: ServerRequestContext[Any, Any], params: Any) -> types.ListToolsResult:
-        caller = self.caller(ctx)
-        tools = [tool.definition for tool in (await caller.view.tools()).values()]
-        return self._clean(types.ListToolsResult(tools=tools))
+        async with self.invocation(ctx) as call:
+            tools = [tool.definition for tool in (await self.view_of(call).tools()).values()]
+            return self._finish(call, types.ListToolsResult(tools=tools))
 
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult | types.InputRequiredResult:
-        caller = self.caller(ctx)
-        tool = await caller.view.tool(params.name)
-        if tool is None:
-            raise errors.unknown_tool(params.name)
-        tool.validator.validate(params.arguments)
-        upstream = self.pool[tool.connector]
-        progress = self._progress_relay(ctx)
+        async with self.invocation(ctx, params.name) as call:
+            call.arguments = params.arguments
+            tool = await self.view_of(call).tool(params.name)
+            if tool is None:
+                raise errors.unknown_tool(params.name)
+            call.route(tool.connector, tool.upstream_name)
+            tool.validator.validate(params.arguments)
+            upstream = self.pool[tool.connector]
+            progress = self._progress_relay(ctx)
 
-        async def send(responses: Any, state: str | None) -> Any:
-            async with upstream.request() as session:
-                return await session.call_tool(
-                    tool.upstream_name,
-                    params.arguments,
-                    progress_callback=progress,
-                    input_responses=responses,
-                    request_state=state,
-                    meta=forwardable_meta(params.meta),
-                    allow_input_required=True,
-                )
+            async def send(responses: Any, state: str | None) -> Any:
+                async with upstream.request() as session:
+                    return await session.call_tool(
+                        tool.upstream_name,
+                        params.arguments,
+                        progress_callback=progress,
+                        input_responses=responses,
+                        request_state=state,
+                        meta=forwardable_meta(params.meta),
+                        allow_input_required=True,
+                    )
 
-        return self._clean(await self._with_input(ctx, send, params.input_responses, params.request_state))
+            result = await self._with_input(ctx, send, params.input_responses, params.request_state)
+            return self._finish(call, result)
 
     # -- prompts -------------------------------------------------------------------------------
 
     async def list_prompts(self, ctx: ServerRequestContext[Any, Any], params: Any) -> types.ListPromptsResult:
-        caller = self.caller(ctx)
-        prompts = [prompt.definition for prompt in (await caller.view.prompts()).values()]
-        return self._clean(types.ListPromptsResult(prompts=prompts))
+        async with self.invocation(ctx) as call:
+            prompts = [prompt.definition for prompt in (await self.view_of(call).prompts()).values()]
+            return self._finish(call, types.ListPromptsResult(prompts=prompts))
 
     async def get_prompt(
         self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
     ) -> types.GetPromptResult | types.InputRequiredResult:
-        caller = self.caller(ctx)
-        prompt = await caller.view.prompt(params.name)
-        if prompt is None:
-            raise errors.unknown_prompt(params.name)
-        upstream = self.pool[prompt.connector]
+        async with self.invocation(ctx, params.name) as call:
+            call.arguments = params.arguments
+            prompt = await self.view_of(call).prompt(params.name)
+            if prompt is None:
+                raise errors.unknown_prompt(params.name)
+            call.route(prompt.connector, prompt.upstream_name)
+            upstream = self.pool[prompt.connector]
 
-        async def send(responses: Any, state: str | None) -> Any:
-            async with upstream.request() as session:
-                return await session.get_prompt(
-                    prompt.upstream_name,
-                    params.arguments,
-                    input_responses=responses,
-                    request_state=state,
-                    meta=forwardable_meta(params.meta),
-                    allow_input_required=True,
-                )
+            async def send(responses: Any, state: str | None) -> Any:
+                async with upstream.request() as session:
+                    return await session.get_prompt(
+                        prompt.upstream_name,
+                        params.arguments,
+                        input_responses=responses,
+                        request_state=state,
+                        meta=forwardable_meta(params.meta),
+                        allow_input_required=True,
+                    )
 
-        return self._clean(await self._with_input(ctx, send, params.input_responses, params.request_state))
+            result = await self._with_input(ctx, send, params.input_responses, params.request_state)
+            return self._finish(call, result)
 
     # -- resources -----------------------------------------------------------------------------
 
     async def list_resources(self, ctx: ServerRequestContext[Any, Any], params: Any) -> types.ListResourcesResult:
-        caller = self.caller(ctx)
-        return self._clean(types.ListResourcesResult(resources=await caller.view.resources()))
+        async with self.invocation(ctx) as call:
+            resources = await self.view_of(call).resources()
+            return self._finish(call, types.ListResourcesResult(resources=resources))
 
     async def list_resource_templates(
         self, ctx: ServerRequestContext[Any, Any], params: Any
     ) -> types.ListResourceTemplatesResult:
-        caller = self.caller(ctx)
-        templates = await caller.view.resource_templates()
-        return self._clean(types.ListResourceTemplatesResult(resource_templates=templates))
+        async with self.invocation(ctx) as call:
+            templates = await self.view_of(call).resource_templates()
+            return self._finish(call, types.ListResourceTemplatesResult(resource_templates=templates))
 
     async def read_resource(
         self, ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
     ) -> types.ReadResourceResult | types.InputRequiredResult:
-        caller = self.caller(ctx)
-        connector = caller.view.resource_connector(params.uri)
-        if connector is None:
-            raise errors.unknown_resource(params.uri)
-        upstream = self.pool[connector]
+        async with self.invocation(ctx, params.uri) as call:
+            connector = self.view_of(call).resource_connector(params.uri)
+            if connector is None:
+                raise errors.unknown_resource(params.uri)
+            call.route(connector, params.uri)
+            upstream = self.pool[connector]
 
-        async def send(responses: Any, state: str | None) -> Any:
-            async with upstream.request() as session:
-                return await session.read_resource(
-                    params.uri,
-                    input_responses=responses,
-                    request_state=state,
-                    meta=forwardable_meta(params.meta),
-                    allow_input_required=True,
-                )
+            async def send(responses: Any, state: str | None) -> Any:
+                async with upstream.request() as session:
+                    return await session.read_resource(
+                        params.uri,
+                        input_responses=responses,
+                        request_state=state,
+                        meta=forwardable_meta(params.meta),
+                        allow_input_required=True,
+                    )
 
-        return self._clean(await self._with_input(ctx, send, params.input_responses, params.request_state))
+            result = await self._with_input(ctx, send, params.input_responses, params.request_state)
+            return self._finish(call, result)
 
     # -- completion ----------------------------------------------------------------------------
 
     async def complete(
         self, ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams
     ) -> types.CompleteResult:
-        caller = self.caller(ctx)
         ref = params.ref
-        if isinstance(ref, types.PromptReference):
-            prompt = await caller.view.prompt(ref.name)
-            if prompt is None:
-                raise errors.unknown_prompt(ref.name)
-            connector, upstream_ref = prompt.connector, ref.model_copy(update={"name": prompt.upstream_name})
-        else:
-            connector = caller.view.resource_connector(ref.uri)
-            if connector is None:
-                raise errors.unknown_resource(ref.uri)
-            upstream_ref = ref
-        context = params.context.arguments if params.context is not None else None
-        async with self.pool[connector].request() as session:
-            result = await session.complete(upstream_ref, params.argument.model_dump(), context_arguments=context)
-        return self._clean(result)
+        async with self.invocation(ctx, ref.name if isinstance(ref, types.PromptReference) else ref.uri) as call:
+            view = self.view_of(call)
+            if isinstance(ref, types.PromptReference):
+                prompt = await view.prompt(ref.name)
+                if prompt is None:
+                    raise errors.unknown_prompt(ref.name)
+                connector, upstream_ref = prompt.connector, ref.model_copy(update={"name": prompt.upstream_name})
+            else:
+                connector = view.resource_connector(ref.uri)
+                if connector is None:
+                    raise errors.unknown_resource(ref.uri)
+                upstream_ref = ref
+            call.route(connector, upstream_ref.name if isinstance(upstream_ref, types.PromptReference) else ref.uri)
+            context = params.context.arguments if params.context is not None else None
+            async with self.pool[connector].request() as session:
+                result = await session.complete(upstream_ref, params.argument.model_dump(), context_arguments=context)
+            return self._finish(call, result)
 
     # -- change notifications ------------------------------------------------------------------
 
@@ -241,8 +278,9 @@ class Gateway:
         self, ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
     ) -> types.SubscriptionsListenResult:
         """2026-era agents receive list changes on a listen stream of their own enclave's bus."""
-        caller = self.caller(ctx)
-        return await self._listeners[caller.agent.enclave](ctx, params)
+        async with self.invocation(ctx) as call:
+            listener = self._listeners[self.view_of(call).enclave.name]
+        return await listener(ctx, params)
 
     async def upstream_list_changed(self, connector: str, kind: ListKind) -> None:
         """An upstream's list changed: every enclave that uses it re-filters and tells its agents."""
@@ -324,8 +362,9 @@ class Gateway:
                     "use a client that supports it",
                 )
 
-    def _clean(self, result: ResultT) -> ResultT:
+    def _finish(self, call: Invocation, result: ResultT) -> ResultT:
         """Redact brokered secrets and strip upstream identity keys from a result about to leave."""
+        call.finish(is_error=bool(getattr(result, "is_error", False)))
         data = result.model_dump(by_alias=True, exclude_none=True, mode="json")
         cleaned = _strip_identity(self.redactor.value(data))
         return type(result).model_validate(cleaned, by_name=False)

@@ -10,6 +10,7 @@ import uvicorn
 
 from gateway.auth import AgentDirectory
 from gateway.config import Config
+from gateway.invocation import DecisionLog
 from gateway.pipeline import Gateway
 from gateway.redact import Redactor
 from gateway.secrets import SecretResolver
@@ -57,7 +58,8 @@ def serve(config: Config, resolver: SecretResolver, secrets: list[str], listen: 
     redactor = Redactor(secrets)
     configure_logging(redactor)
     directory = AgentDirectory(load_or_create_key(config.settings.state_dir))
-    app = build_app(config, Gateway(config, resolver, redactor), directory)
+    gateway = Gateway(config, resolver, redactor, DecisionLog(logging.getLogger("gateway.decisions")))
+    app = build_app(config, gateway, directory)
     settings = config.settings.listen
     server = _Server(
         uvicorn.Config(

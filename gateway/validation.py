@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from jsonschema import exceptions, validators
-from mcp import MCPError
 from mcp_types import INVALID_PARAMS
 
 from gateway import errors
+from gateway.invocation import Denied
 
 
 class ArgumentValidator:
@@ -31,7 +31,11 @@ class ArgumentValidator:
     def validate(self, arguments: Mapping[str, Any] | None) -> None:
         """Raise MCPError (-32602) naming the offending field."""
         if self._validator is None:
-            raise MCPError(INVALID_PARAMS, f"Tool {self.tool} cannot be called: its upstream inputSchema is invalid")
+            raise Denied(
+                INVALID_PARAMS,
+                f"Tool {self.tool} cannot be called: its upstream inputSchema is invalid",
+                "invalid_upstream_schema",
+            )
         error = exceptions.best_match(self._validator.iter_errors(dict(arguments or {})))
         if error is not None:
             field = ".".join(str(part) for part in error.absolute_path)
