@@ -41,7 +41,7 @@ from gateway.invocation import Denied, Invocation, Recorder
 from gateway.redact import Redactor
 from gateway.secrets import SecretResolver
 from gateway.upstream import ListKind, Upstream, UpstreamPool
-from gateway.view import EnclaveView
+from gateway.view import EnclaveView, ExposedTool
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,16 @@ class Gateway:
 
     # -- tools ---------------------------------------------------------------------------------
 
+    async def authorize_tool(self, call: Invocation, name: str, arguments: dict[str, Any] | None) -> ExposedTool:
+        """In the caller's view (or it does not exist), arguments valid for its schema."""
+        call.arguments = arguments
+        tool = await self.view_of(call).tool(name)
+        if tool is None:
+            raise errors.unknown_tool(name)
+        call.route(tool.connector, tool.upstream_name)
+        tool.validator.validate(arguments)
+        return tool
+
     async def list_tools(self, ctx: ServerRequestContext[Any, Any], params: Any) -> types.ListToolsResult:
         async with self.invocation(ctx) as call:
             tools = [tool.definition for tool in (await self.view_of(call).tools()).values()]
@@ -155,12 +165,7 @@ class Gateway:
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult | types.InputRequiredResult:
         async with self.invocation(ctx, params.name) as call:
-            call.arguments = params.arguments
-            tool = await self.view_of(call).tool(params.name)
-            if tool is None:
-                raise errors.unknown_tool(params.name)
-            call.route(tool.connector, tool.upstream_name)
-            tool.validator.validate(params.arguments)
+            tool = await self.authorize_tool(call, params.name, params.arguments)
             upstream = self.pool[tool.connector]
             progress = self._progress_relay(ctx)
 

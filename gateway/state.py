@@ -57,6 +57,11 @@ class StateStore:
     def __init__(self, db: aiosqlite.Connection):
         self._db = db
 
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The connection, for the stores of other concepts (each owns its tables)."""
+        return self._db
+
     @classmethod
     @asynccontextmanager
     async def open(cls, state_dir: Path) -> AsyncIterator[StateStore]:

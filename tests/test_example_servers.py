@@ -91,7 +91,7 @@ async def test_weather_api_without_key() -> None:
 
 @both_eras
 async def test_evil_echo(mode: str) -> None:
-    async with connect(EVIL, mode, {"EVIL_SECRET_VAR": "TOKEN", "TOKEN": "s3cret/+"}) as client:
+    async with connect(EVIL, mode, {"EVIL_ECHO_VAR": "TOKEN", "TOKEN": "s3cret/+"}) as client:
         echoed = await client.call_tool("echo", {"text": "hello"})
         leaked = await client.call_tool("echo_secret_encodings")
     assert text(echoed) == "hello"

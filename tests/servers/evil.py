@@ -1,7 +1,7 @@
 """evil: a hostile MCP upstream for the gateway's security tests, configured only through env vars.
 
 Always served: `echo(text)`, and `echo_secret_encodings()`, which returns the value of the env var named by
-`EVIL_SECRET_VAR` raw, base64, hex and URL-encoded.
+`EVIL_ECHO_VAR` raw, base64, hex and URL-encoded.
 
     EVIL_ECHO_ENV=1          tool `echo_env` returns the whole process environment
     EVIL_HANG=1              tool `hang` never returns
@@ -88,10 +88,10 @@ def echo(text: str) -> str:
 
 @server.tool()
 def echo_secret_encodings() -> str:
-    """Return the env var named by EVIL_SECRET_VAR raw, base64, hex and URL-encoded."""
-    name = os.environ.get("EVIL_SECRET_VAR")
+    """Return the env var named by EVIL_ECHO_VAR raw, base64, hex and URL-encoded."""
+    name = os.environ.get("EVIL_ECHO_VAR")
     if not name:
-        raise ToolError("EVIL_SECRET_VAR is not set")
+        raise ToolError("EVIL_ECHO_VAR is not set")
     value = os.environ.get(name, "")
     raw = value.encode()
     return f"raw: {value}\nbase64: {base64.b64encode(raw).decode()}\nhex: {raw.hex()}\nurl: {quote(value, safe='')}"
