@@ -85,6 +85,17 @@ class Recorder(Protocol):
     async def record(self, invocation: Invocation) -> None: ...
 
 
+class Recorders:
+    """Several recorders, in order; the invocation counts as recorded when all have returned."""
+
+    def __init__(self, *recorders: Recorder):
+        self.recorders = recorders
+
+    async def record(self, invocation: Invocation) -> None:
+        for recorder in self.recorders:
+            await recorder.record(invocation)
+
+
 class DecisionLog:
     """Logs every denial and internal error (allowed calls are the audit log's business)."""
 

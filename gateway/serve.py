@@ -10,7 +10,7 @@ import uvicorn
 
 from gateway.auth import AgentDirectory
 from gateway.config import Config
-from gateway.invocation import DecisionLog
+from gateway.invocation import DecisionLog, Recorders
 from gateway.pipeline import Gateway
 from gateway.redact import Redactor
 from gateway.secrets import SecretResolver
@@ -58,7 +58,8 @@ def serve(config: Config, resolver: SecretResolver, secrets: list[str], listen: 
     redactor = Redactor(secrets)
     configure_logging(redactor)
     directory = AgentDirectory(load_or_create_key(config.settings.state_dir))
-    gateway = Gateway(config, resolver, redactor, DecisionLog(logging.getLogger("gateway.decisions")))
+    recorder = Recorders(DecisionLog(logging.getLogger("gateway.decisions")))
+    gateway = Gateway(config, resolver, redactor, recorder)
     app = build_app(config, gateway, directory)
     settings = config.settings.listen
     server = _Server(
