@@ -2,13 +2,14 @@
 
 Identity comes only from the token: no header, session id or claim a client sends can change who it is.
 Every failure cause (missing, malformed, duplicated, unknown, expired, revoked, agent no longer in any
-enclave) gets the same 401 from the SDK's RequireAuthMiddleware; the cause is kept on the ASGI scope for
-the audit record only.
+enclave, an internal error) gets the same 401 from the SDK's RequireAuthMiddleware; the cause is kept on the
+ASGI scope for the audit record only.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -19,9 +20,12 @@ from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials, AuthenticationBackend
 from starlette.requests import HTTPConnection
 
+from gateway import faults
 from gateway.config import Config
 from gateway.state import AgentRecord
 from gateway.tokens import fingerprint, token_hash
+
+logger = logging.getLogger(__name__)
 
 AUTH_FAILURE_KEY = "enclave.auth_failure"
 
@@ -72,11 +76,16 @@ class AgentDirectory:
         self._by_hash = {record.token_hash: record for record in records}
         self._config = config
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration: the same tokens, checked against the enclaves it defines from now on."""
+        self._config = config
+
     def authenticate(self, token: str) -> Agent | AuthFailure:
         digest = token_hash(token)
         record = self._by_hash.get(digest)
         if record is None or not hmac.compare_digest(record.token_hash, digest):
             return self.failure("unknown_token", token)
+        faults.check("auth", record.name)
         status = record.status(time.time())
         if status != "active":
             return self.failure(status, token)
@@ -107,6 +116,11 @@ class BearerBackend(AuthenticationBackend):
         current_agent.set(agent)
         return AuthCredentials([]), AuthenticatedAgent(agent, token_fingerprint)
 
+    def agent_for(self, conn: HTTPConnection) -> Agent | None:
+        """The authenticated agent, or None; the fast path's check (failures go the full way, to be audited)."""
+        result = self._check(conn)
+        return None if isinstance(result, AuthFailure) else result[0]
+
     def _check(self, conn: HTTPConnection) -> tuple[Agent, str] | AuthFailure:
         values = conn.headers.getlist("authorization")
         if not values:
@@ -116,7 +130,11 @@ class BearerBackend(AuthenticationBackend):
         scheme, _, token = values[0].partition(" ")
         if scheme.lower() != "bearer" or not token or token != token.strip() or " " in token:
             return self.directory.failure("malformed_authorization_header")
-        outcome = self.directory.authenticate(token)
+        try:
+            outcome = self.directory.authenticate(token)
+        except Exception:  # fail closed: whatever breaks in here is one more cause of the one 401
+            logger.exception("authentication failed with an internal error; the request is refused")
+            return self.directory.failure("internal_error", token)
         if isinstance(outcome, AuthFailure):
             return outcome
         return outcome, self.directory.fingerprint(token)

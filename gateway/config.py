@@ -14,17 +14,37 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import unquote
 
 from jsonschema import Draft202012Validator
 
-from gateway import yamldoc
+from gateway import policy, yamldoc
+from gateway.policy import PolicyTest
 from gateway.secrets import ANY_REF, SECRET_REF, SecretSettings
 from gateway.yamldoc import Document, FieldPath, Problem
 
 GLOB_CHARS = re.compile(r"[*?\[]")
+DURATION = re.compile(r"^[1-9][0-9]*[smhd]$")  # the same pattern as $defs.duration in enclave.schema.json
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # Env vars and headers whose values are credentials: they may only hold secret references.
 CREDENTIAL_NAME = re.compile(r"(key|token|secret|passw|credential|auth|cookie|session)", re.IGNORECASE)
+# A URI is matched only in canonical form: no dot segments (raw or percent-encoded), no control characters.
+_DOT_SEGMENT = re.compile(r"(^|[/\\])\.{1,2}([/\\?#]|$)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def canonical_uri(uri: str) -> str | None:
+    decoded = unquote(uri)
+    if _DOT_SEGMENT.search(decoded) or _CONTROL.search(decoded) or "\\" in decoded:
+        return None
+    return uri
+
+
+def duration_seconds(text: str) -> float | None:
+    """`30s`, `15m`, `1h`, `7d` -> seconds; None if `text` is not such a duration."""
+    text = text.strip()
+    return float(int(text[:-1]) * UNIT_SECONDS[text[-1]]) if DURATION.match(text) else None
 
 
 class ConfigError(Exception):
@@ -49,8 +69,16 @@ class ListenSettings:
 
 @dataclass(frozen=True)
 class Limits:
+    """What one agent or one upstream can make the gateway do (SECURITY.md explains each)."""
+
     max_request_bytes: int = 4 * 1024 * 1024
+    max_json_depth: int = 64
+    request_read_seconds: float = 30.0
+    max_result_bytes: int = 8 * 1024 * 1024
     upstream_timeout_seconds: float = 60.0
+    agent_rate_per_second: float = 100.0
+    agent_burst: int = 200
+    agent_concurrency: int = 32
 
 
 @dataclass(frozen=True)
@@ -59,6 +87,7 @@ class Settings:
     state_dir: Path
     secrets: SecretSettings
     limits: Limits
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -82,6 +111,7 @@ class Connector:
     timeout_seconds: float
     source: Path
     description: str = ""
+    max_result_bytes: int = Limits.max_result_bytes
 
     def secret_names(self) -> set[str]:
         values = self.target.env.values() if isinstance(self.target, StdioTarget) else self.target.headers.values()
@@ -117,6 +147,41 @@ class Exposure:
     def exposed_prompt_name(self, upstream_name: str) -> str:
         return self.prefix + upstream_name
 
+    def upstream_tools(self, exposed: str) -> list[str]:
+        """The upstream tool names this exposure would show agents as `exposed` (if the upstream lists them)."""
+        names = [upstream for upstream, name in self.rename.items() if name == exposed]
+        if exposed.startswith(self.prefix) and exposed[len(self.prefix) :] not in self.rename:
+            names.append(exposed[len(self.prefix) :])
+        return [name for name in names if self.tools.matches(name)]
+
+    def exposes_prompt(self, exposed: str) -> bool:
+        return exposed.startswith(self.prefix) and self.prompts.matches(exposed[len(self.prefix) :])
+
+
+Approval = Literal["none", "operator", "user"]
+TargetKind = Literal["tool", "resource"]
+
+
+@dataclass(frozen=True)
+class Chamber:
+    """High-value tools (agent-facing names) and resources: each call needs a grant or an approval."""
+
+    name: str
+    tools: Patterns = Patterns()
+    resources: Patterns = Patterns()
+    max_grant_ttl: float = 3600.0
+    single_use: bool = False
+    approval: Approval = "none"
+    approval_wait: float = 60.0
+    approvers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What the audit log keeps of an enclave's calls (arguments are always kept as an HMAC digest)."""
+
+    raw_arguments: bool = False
+
 
 @dataclass(frozen=True)
 class Enclave:
@@ -125,6 +190,20 @@ class Enclave:
     connectors: dict[str, Exposure]
     source: Path
     description: str = ""
+    chambers: dict[str, Chamber] = field(default_factory=dict)
+    audit: AuditSettings = AuditSettings()
+    tests: tuple[PolicyTest, ...] = ()
+
+    def resource_connector(self, uri: str) -> str | None:
+        """The connector that serves `uri` for this enclave, or None if the enclave does not expose it."""
+        if canonical_uri(uri) is None:
+            return None
+        return next((name for name, exposure in self.connectors.items() if exposure.resources.matches(uri)), None)
+
+    def chambers_holding(self, kind: TargetKind, target: str) -> list[Chamber]:
+        """The chambers a tool (agent-facing name) or resource URI is in: one, or none where the load-time
+        check could tell; more than one only through overlapping globs (the gateway then denies)."""
+        return [c for c in self.chambers.values() if (c.tools if kind == "tool" else c.resources).matches(target)]
 
 
 @dataclass(frozen=True)
@@ -165,8 +244,14 @@ def _schema_problems(doc: Document, kind: str) -> list[Problem]:
     problems = []
     for error in sorted(_validator(kind).iter_errors(doc.data), key=lambda e: list(map(str, e.absolute_path))):
         path = list(error.absolute_path)
-        if error.validator == "oneOf" and kind == "connector":
+        # A schema may word a check itself: "x-messages": {"<keyword>": "... {value} ..."}.
+        worded = error.schema.get("x-messages", {}).get(error.validator) if isinstance(error.schema, dict) else None
+        if worded:
+            message = worded.replace("{value}", repr(error.instance))
+        elif error.validator == "oneOf" and kind == "connector":
             message = "exactly one of 'stdio' or 'http' is required"
+        elif error.validator == "pattern" and error.validator_value == DURATION.pattern:
+            message = f"invalid duration {error.instance!r}: use a number and a unit, e.g. 30s, 15m, 1h, 7d"
         elif error.validator == "additionalProperties":
             message = error.message.replace("Additional properties are not allowed", "unknown field(s)")
         else:
@@ -201,23 +286,34 @@ def load_config(root: Path | str) -> Config:
     connectors: dict[str, Connector] = {}
     for path in sorted((root / "connectors").glob("*.yaml")):
         if doc := read(path, "connector"):
-            connector = _connector(root, doc, problems)
+            connector = _connector(root, doc, settings.limits, problems)
             if connector.name in connectors:
                 problems.append(doc.problem(["name"], f"connector {connector.name!r} is defined twice"))
             connectors[connector.name] = connector
 
     enclaves: dict[str, Enclave] = {}
     agent_home: dict[str, str] = {}
+    documents: list[Document] = []
     for path in sorted((root / "enclaves").glob("*.yaml")):
         if doc := read(path, "enclave"):
             enclave = _enclave(doc, connectors, agent_home, problems)
             if enclave.name in enclaves:
                 problems.append(doc.problem(["name"], f"enclave {enclave.name!r} is defined twice"))
             enclaves[enclave.name] = enclave
+            documents.append(doc)
 
     if problems:
         raise ConfigError(problems)
-    return Config(root, settings, connectors, enclaves)
+    config = Config(root, settings, connectors, enclaves)
+    failed = [
+        doc.problem(*found)
+        for doc in documents
+        for test in enclaves[doc.data["name"]].tests
+        if (found := policy.failure(config, test)) is not None
+    ]
+    if failed:
+        raise ConfigError(list(dict.fromkeys(failed)))  # an unknown agent is reported once, not per target
+    return config
 
 
 def _settings(root: Path, data: dict[str, Any]) -> Settings:
@@ -240,10 +336,8 @@ def _settings(root: Path, data: dict[str, Any]) -> Settings:
             dir=(root / secrets["dir"]).resolve() if "dir" in secrets else state_dir / "secrets",
             keyring_service=secrets.get("keyring_service", "enclave-gateway"),
         ),
-        limits=Limits(
-            max_request_bytes=limits.get("max_request_bytes", Limits.max_request_bytes),
-            upstream_timeout_seconds=limits.get("upstream_timeout_seconds", Limits.upstream_timeout_seconds),
-        ),
+        limits=Limits(**limits),  # the schema admits only Limits' fields
+        fast_path=data.get("fast_path", True),
     )
 
 
@@ -267,7 +361,7 @@ def _check_values(
             )
 
 
-def _connector(root: Path, doc: Document, problems: list[Problem]) -> Connector:
+def _connector(root: Path, doc: Document, limits: Limits, problems: list[Problem]) -> Connector:
     data = doc.data
     _check_name_matches_file(doc, problems)
     target: StdioTarget | HttpTarget
@@ -298,9 +392,10 @@ def _connector(root: Path, doc: Document, problems: list[Problem]) -> Connector:
     return Connector(
         name=data["name"],
         target=target,
-        timeout_seconds=float(data.get("timeout_seconds", 60)),
+        timeout_seconds=float(data.get("timeout_seconds", limits.upstream_timeout_seconds)),
         source=doc.path,
         description=data.get("description", ""),
+        max_result_bytes=data.get("max_result_bytes", limits.max_result_bytes),
     )
 
 
@@ -355,4 +450,85 @@ def _enclave(
                     )
                 )
             exposed.setdefault(name, f"{connector_name}.{upstream_name}")
-    return Enclave(data["name"], tuple(data["agents"]), exposures, doc.path, data.get("description", ""))
+    chambers = _chambers(doc, exposures, set(exposed), problems)
+    audit = AuditSettings(raw_arguments=data.get("audit", {}).get("raw_arguments", False))
+    tests = tuple(
+        PolicyTest(spec["agent"], expect, target, ("tests", index, expect, position))
+        for index, spec in enumerate(data.get("tests", ()))
+        for expect in policy.DECISIONS
+        for position, target in enumerate(spec.get(expect, ()))
+    )
+    return Enclave(
+        data["name"], tuple(data["agents"]), exposures, doc.path, data.get("description", ""), chambers, audit, tests
+    )
+
+
+def _chambers(
+    doc: Document, exposures: dict[str, Exposure], exposed_tools: set[str], problems: list[Problem]
+) -> dict[str, Chamber]:
+    """The enclave's chambers; their patterns must cover something the enclave exposes (where that can be
+    known before the upstreams are listed), and a tool or resource belongs to at most one chamber."""
+    chambers: dict[str, Chamber] = {}
+    for name, spec in (doc.data.get("chambers") or {}).items():
+        base = ["chambers", name]
+        chamber = Chamber(
+            name=name,
+            tools=Patterns(tuple(spec.get("tools", ()))),
+            resources=Patterns(tuple(spec.get("resources", ()))),
+            max_grant_ttl=duration_seconds(spec.get("max_grant_ttl", "1h")) or 0.0,
+            single_use=spec.get("single_use", False),
+            approval=spec.get("approval", "none"),
+            approval_wait=duration_seconds(spec.get("approval_wait", "60s")) or 0.0,
+            approvers=tuple(spec.get("approvers", ())),
+        )
+        if not chamber.tools.items and not chamber.resources.items:
+            problems.append(doc.problem(base, "a chamber needs 'tools' or 'resources' (or both)"))
+        if chamber.approvers and chamber.approval != "operator":
+            problems.append(doc.problem([*base, "approvers"], "approvers apply only to 'approval: operator'"))
+        if chamber.approval != "none" and chamber.approval_wait > chamber.max_grant_ttl:
+            problems.append(
+                doc.problem([*base, "approval_wait"], "must not exceed max_grant_ttl (how long a request stays open)")
+            )
+        for index, pattern in enumerate(chamber.tools.items):
+            if not _may_expose_tool(pattern, exposures, exposed_tools):
+                problems.append(
+                    doc.problem(
+                        [*base, "tools", index],
+                        f"{pattern!r} matches no tool this enclave exposes (use the names agents see, "
+                        "after rename/prefix)",
+                    )
+                )
+        for index, pattern in enumerate(chamber.resources.items):
+            patterns = [p for exposure in exposures.values() for p in exposure.resources.items]
+            if not any(fnmatchcase(pattern, p) or fnmatchcase(p, pattern) for p in patterns):
+                problems.append(
+                    doc.problem([*base, "resources", index], f"{pattern!r} matches no resource this enclave exposes")
+                )
+        chambers[name] = chamber
+
+    for kind, literals in (
+        ("tools", exposed_tools | {p for c in chambers.values() for p in c.tools.literals()}),
+        ("resources", {p for c in chambers.values() for p in c.resources.literals()}),
+    ):
+        for value in sorted(literals):
+            owners = [c.name for c in chambers.values() if getattr(c, kind).matches(value)]
+            if len(owners) > 1:
+                problems.append(
+                    doc.problem(
+                        ["chambers", owners[1], kind],
+                        f"{value!r} is also in chamber {owners[0]!r}; it may belong to one chamber only",
+                    )
+                )
+    return chambers
+
+
+def _may_expose_tool(pattern: str, exposures: dict[str, Exposure], exposed_tools: set[str]) -> bool:
+    """Whether an agent-facing tool name (or glob) can match a tool of the enclave. Names exposed by a glob
+    are known only once the upstream is listed: a literal is checked against what the glob could produce,
+    a chamber glob is given the benefit of the doubt."""
+    if any(fnmatchcase(name, pattern) for name in exposed_tools):
+        return True
+    globs = [(e.prefix, p) for e in exposures.values() for p in e.tools.items if GLOB_CHARS.search(p)]
+    if GLOB_CHARS.search(pattern):
+        return bool(globs)
+    return any(pattern.startswith(prefix) and fnmatchcase(pattern[len(prefix) :], glob) for prefix, glob in globs)

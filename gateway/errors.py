@@ -14,11 +14,15 @@ from gateway.invocation import Denied
 
 UPSTREAM_UNAVAILABLE = -32001
 RESOURCE_NOT_FOUND = -32002  # the code MCP servers use for an unknown resource
+AUTHORIZATION_REQUIRED = -32003  # a chamber call without a valid grant or approval (gateway.chambers)
 UPSTREAM_TIMEOUT = -32004
+TOO_MANY_REQUESTS = -32005  # an agent over its rate or concurrency limit (gateway.guard); HTTP 429, Retry-After
+RESULT_TOO_LARGE = -32006  # an upstream message over max_result_bytes
 
 
-def unknown_tool(name: str) -> Denied:
-    return Denied(INVALID_PARAMS, f"Unknown tool: {name}", "not_in_enclave")
+def unknown_tool(name: str, reason: str = "not_in_enclave") -> Denied:
+    """Also the reply for a tool hidden for another `reason` (audited only), e.g. `definition_changed`."""
+    return Denied(INVALID_PARAMS, f"Unknown tool: {name}", reason)
 
 
 def unknown_prompt(name: str) -> Denied:
@@ -31,6 +35,19 @@ def unknown_resource(uri: str) -> Denied:
 
 def upstream_unavailable(connector: str) -> str:
     return f"Upstream server '{connector}' is unavailable; the gateway will restart it on the next call"
+
+
+def upstream_backing_off(connector: str, failures: int, seconds: float) -> str:
+    return (
+        f"Upstream server '{connector}' is unavailable: it failed {failures} times in a row; "
+        f"the gateway restarts it in {seconds:.1f} s"
+    )
+
+
+def result_too_large(connector: str | None, limit: int) -> MCPError:
+    """`connector` None: a list merged from several upstream servers."""
+    source = f"Upstream server '{connector}' sent a message" if connector else "The upstream servers' lists came to"
+    return MCPError(RESULT_TOO_LARGE, f"{source} larger than {limit} bytes (max_result_bytes); the gateway dropped it")
 
 
 def upstream_timeout(connector: str) -> str:

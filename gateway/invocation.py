@@ -49,6 +49,11 @@ class Invocation:
     outcome: Outcome | None = None
     error_code: int | None = None
     correlation_id: str | None = None
+    process: dict[str, Any] | None = None  # the agent's local process, where a wrapper reports it
+    trace_id: str | None = None
+    span_id: str | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
     started: float = field(default_factory=time.perf_counter)
     at: float = field(default_factory=time.time)
 

@@ -10,6 +10,8 @@ passing the same authorize step.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,13 +36,16 @@ from mcp_types import INTERNAL_ERROR, INVALID_REQUEST
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
-from gateway import errors
-from gateway.auth import AuthenticatedAgent, current_agent
-from gateway.config import Config
+from gateway import errors, telemetry
+from gateway.auth import Agent, AuthenticatedAgent, current_agent
+from gateway.chambers import Chambers
+from gateway.config import Config, Connector
 from gateway.invocation import Denied, Invocation, Recorder
+from gateway.peers import process_of
+from gateway.pins import ToolPins
 from gateway.redact import Redactor
 from gateway.secrets import SecretResolver
-from gateway.upstream import ListKind, Upstream, UpstreamPool
+from gateway.upstream import LOG_LEVELS, ListKind, PushTarget, Upstream, UpstreamPool
 from gateway.view import EnclaveView, ExposedTool
 
 logger = logging.getLogger(__name__)
@@ -48,14 +53,24 @@ logger = logging.getLogger(__name__)
 ResultT = TypeVar("ResultT", bound=BaseModel)
 IDENTITY_META_PREFIX = "io.modelcontextprotocol/"
 MAX_INPUT_ROUNDS = 10
+# A parsed `_meta` (mcp_types.RequestParamsMeta) names the progress token `progress_token`; the wire, `progressToken`.
+PROGRESS_TOKEN_KEYS = ("progress_token", "progressToken")
 
 _INPUT_RESULT_TYPES: dict[str, type[BaseModel]] = {
     "elicitation/create": types.ElicitResult,
     "sampling/createMessage": types.CreateMessageResult,
     "roots/list": types.ListRootsResult,
 }
+_PUSHED_REQUESTS: dict[str, type[BaseModel]] = {
+    "elicitation/create": types.ElicitRequest,
+    "sampling/createMessage": types.CreateMessageRequest,
+}
 _INPUT_CAPABILITY = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
-_UPSTREAM_REASONS = {errors.UPSTREAM_UNAVAILABLE: "upstream_unavailable", errors.UPSTREAM_TIMEOUT: "upstream_timeout"}
+_UPSTREAM_REASONS = {
+    errors.UPSTREAM_UNAVAILABLE: "upstream_unavailable",
+    errors.UPSTREAM_TIMEOUT: "upstream_timeout",
+    errors.RESULT_TOO_LARGE: "result_too_large",
+}
 _CHANGE_EVENTS: dict[ListKind, ServerEvent] = {
     "tools": ToolsListChanged(),
     "prompts": PromptsListChanged(),
@@ -69,27 +84,28 @@ def forwardable_meta(meta: Any) -> dict[str, Any] | None:
     if not meta:
         return None
     data = meta if isinstance(meta, dict) else meta.model_dump(by_alias=True, exclude_none=True)
-    kept = {k: v for k, v in data.items() if not k.startswith(IDENTITY_META_PREFIX) and k != "progressToken"}
+    kept = {k: v for k, v in data.items() if not k.startswith(IDENTITY_META_PREFIX) and k not in PROGRESS_TOKEN_KEYS}
     return kept or None
 
 
 class Gateway:
     """Holds the live configuration and serves every agent-facing MCP method."""
 
-    def __init__(self, config: Config, resolver: SecretResolver, redactor: Redactor, recorder: Recorder):
+    def __init__(
+        self, config: Config, resolver: SecretResolver, redactor: Redactor, recorder: Recorder, pins: ToolPins
+    ):
         self.config = config
         self.redactor = redactor
         self.recorder = recorder
-        self.pool = UpstreamPool(
-            {
-                name: Upstream(connector, resolver, redactor, self.upstream_list_changed)
-                for name, connector in config.connectors.items()
-            }
-        )
-        self.views = {name: EnclaveView(enclave, self.pool) for name, enclave in config.enclaves.items()}
+        self.pins = pins
+        self.pool = UpstreamPool({name: self._upstream(c, resolver) for name, c in config.connectors.items()})
+        self.views = {name: EnclaveView(enclave, self.pool, pins) for name, enclave in config.enclaves.items()}
+        self.chambers = Chambers(config)
         self._buses = {name: InMemorySubscriptionBus() for name in config.enclaves}
         self._listeners = {name: ListenHandler(bus) for name, bus in self._buses.items()}
-        self._legacy_sessions: dict[str, tuple[str, ServerSession]] = {}
+        self._legacy_sessions: dict[str, tuple[Agent, ServerSession]] = {}
+        self._log_levels: dict[str, types.LoggingLevel] = {}  # session id -> the level it asked for
+        self._subscriptions: dict[str, set[tuple[str, str]]] = {}  # session id -> {(connector, resource URI)}
 
     # -- authenticate -> enclave view -> (handler) -> record ------------------------------------
 
@@ -97,32 +113,53 @@ class Gateway:
     async def invocation(
         self, ctx: ServerRequestContext[Any, Any], target: str | None = None
     ) -> AsyncIterator[Invocation]:
-        """Run one request: resolve who asks and their view, map every way it can end to a decision,
-        and record it before the reply leaves. Anything unexpected denies (fail closed)."""
-        call = Invocation(method=ctx.method, target=target, protocol_version=ctx.protocol_version)
-        call.request_id = ctx.request_id
-        try:
+        """Run one request from the SDK: resolve who asks, then record how it ends."""
+        call = Invocation(
+            method=ctx.method, target=target, protocol_version=ctx.protocol_version, request_id=ctx.request_id
+        )
+        async with self.recording(call):
             self._resolve_caller(ctx, call)
             yield call
+
+    @asynccontextmanager
+    async def recording(self, call: Invocation) -> AsyncIterator[None]:
+        """Map every way a request can end to a decision, and record it before the reply leaves.
+        Anything unexpected denies (fail closed)."""
+        call.trace_id, call.span_id = telemetry.current_span_ids()
+        try:
+            yield
         except Denied as exc:
             call.deny(exc.reason, exc.error.code)
             raise
         except MCPError as exc:
             call.fail(_UPSTREAM_REASONS.get(exc.error.code, "upstream_error"), exc.error.code)
-            raise
+            raise MCPError(
+                exc.error.code, self.redactor.text(exc.error.message), self.redactor.value(exc.error.data)
+            ) from None
         except Exception:
-            correlation_id = uuid.uuid4().hex[:12]
-            logger.exception("internal error in %s (correlation id %s)", ctx.method, correlation_id)
-            call.broke(correlation_id, INTERNAL_ERROR)
-            raise errors.internal(correlation_id) from None
+            raise self._internal_error(call, "internal error") from None
         finally:
-            await self.recorder.record(call)
+            try:
+                await self.recorder.record(call)
+            except Exception:
+                raise self._internal_error(call, "could not record the request") from None
+
+    def _internal_error(self, call: Invocation, what: str) -> MCPError:
+        """Log what went wrong (with its traceback); the agent gets a correlation id and no detail."""
+        correlation_id = uuid.uuid4().hex[:12]
+        logger.exception("%s in %s (correlation id %s)", what, call.method, correlation_id)
+        call.broke(correlation_id, INTERNAL_ERROR)
+        return errors.internal(correlation_id)
 
     def _resolve_caller(self, ctx: ServerRequestContext[Any, Any], call: Invocation) -> None:
         user = ctx.request.scope.get("user") if ctx.request is not None else None
         if not isinstance(user, AuthenticatedAgent):
             raise Denied(INVALID_REQUEST, "Authentication required", "unauthenticated")
         call.agent = user.agent
+        if ctx.request is not None and (length := ctx.request.headers.get("content-length", "")).isdigit():
+            call.bytes_in = int(length)
+        if ctx.request is not None:
+            call.process = process_of(ctx.request.scope)
         if user.agent.enclave not in self.views:
             raise Denied(INVALID_REQUEST, "Authentication required", "agent_not_in_enclave")
         client = ctx.session.client_params.client_info if ctx.session.client_params else None
@@ -131,7 +168,7 @@ class Gateway:
         if ctx.request is not None and (session_id := ctx.request.headers.get("mcp-session-id")):
             call.session_id = session_id
             if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-                self._legacy_sessions[session_id] = (user.agent.enclave, ctx.session)
+                self._legacy_sessions[session_id] = (user.agent, ctx.session)
 
     def view_of(self, call: Invocation) -> EnclaveView:
         assert call.agent is not None
@@ -146,14 +183,22 @@ class Gateway:
 
     # -- tools ---------------------------------------------------------------------------------
 
-    async def authorize_tool(self, call: Invocation, name: str, arguments: dict[str, Any] | None) -> ExposedTool:
+    async def tool_in_view(self, call: Invocation, name: str, arguments: dict[str, Any] | None) -> ExposedTool:
         """In the caller's view (or it does not exist), arguments valid for its schema."""
         call.arguments = arguments
-        tool = await self.view_of(call).tool(name)
+        view = self.view_of(call)
+        tool = await view.tool(name)
         if tool is None:
-            raise errors.unknown_tool(name)
+            raise errors.unknown_tool(name, "definition_changed" if view.withheld(name) else "not_in_enclave")
         call.route(tool.connector, tool.upstream_name)
         tool.validator.validate(arguments)
+        return tool
+
+    async def authorize_tool(self, call: Invocation, name: str, arguments: dict[str, Any] | None) -> ExposedTool:
+        """`tool_in_view`, for a path that cannot run the chamber check: a tool in a chamber is refused there
+        (fail closed) and must take `call_tool`, whose check may ask the agent's user."""
+        tool = await self.tool_in_view(call, name, arguments)
+        self.chambers.refuse_here(call, tool.name)
         return tool
 
     async def list_tools(self, ctx: ServerRequestContext[Any, Any], params: Any) -> types.ListToolsResult:
@@ -165,12 +210,15 @@ class Gateway:
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult | types.InputRequiredResult:
         async with self.invocation(ctx, params.name) as call:
-            tool = await self.authorize_tool(call, params.name, params.arguments)
+            tool = await self.tool_in_view(call, params.name, params.arguments)
+            clearance = await self.chambers.check(ctx, call, params)
+            if clearance.question is not None:
+                return clearance.question
             upstream = self.pool[tool.connector]
             progress = self._progress_relay(ctx)
 
             async def send(responses: Any, state: str | None) -> Any:
-                async with upstream.request() as session:
+                async with upstream.request(self._pushed_to(ctx)) as session:
                     return await session.call_tool(
                         tool.upstream_name,
                         params.arguments,
@@ -181,8 +229,8 @@ class Gateway:
                         allow_input_required=True,
                     )
 
-            result = await self._with_input(ctx, send, params.input_responses, params.request_state)
-            return self._finish(call, result)
+            result = await self._with_input(ctx, send, clearance.input_responses, clearance.request_state)
+            return self._finish(call, await clearance.carry(result))
 
     # -- prompts -------------------------------------------------------------------------------
 
@@ -203,7 +251,7 @@ class Gateway:
             upstream = self.pool[prompt.connector]
 
             async def send(responses: Any, state: str | None) -> Any:
-                async with upstream.request() as session:
+                async with upstream.request(self._pushed_to(ctx)) as session:
                     return await session.get_prompt(
                         prompt.upstream_name,
                         params.arguments,
@@ -238,10 +286,13 @@ class Gateway:
             if connector is None:
                 raise errors.unknown_resource(params.uri)
             call.route(connector, params.uri)
+            clearance = await self.chambers.check(ctx, call, params)
+            if clearance.question is not None:
+                return clearance.question
             upstream = self.pool[connector]
 
             async def send(responses: Any, state: str | None) -> Any:
-                async with upstream.request() as session:
+                async with upstream.request(self._pushed_to(ctx)) as session:
                     return await session.read_resource(
                         params.uri,
                         input_responses=responses,
@@ -250,8 +301,8 @@ class Gateway:
                         allow_input_required=True,
                     )
 
-            result = await self._with_input(ctx, send, params.input_responses, params.request_state)
-            return self._finish(call, result)
+            result = await self._with_input(ctx, send, clearance.input_responses, clearance.request_state)
+            return self._finish(call, await clearance.carry(result))
 
     # -- completion ----------------------------------------------------------------------------
 
@@ -290,13 +341,16 @@ class Gateway:
     async def upstream_list_changed(self, connector: str, kind: ListKind) -> None:
         """An upstream's list changed: every enclave that uses it re-filters and tells its agents."""
         for name, view in self.views.items():
-            if not view.uses(connector):
-                continue
-            view.invalidate(kind)
-            await self._buses[name].publish(_CHANGE_EVENTS[kind])
-            for session_id, (enclave, session) in list(self._legacy_sessions.items()):
-                if enclave == name:
-                    await self._notify_legacy(session_id, session, kind)
+            if view.uses(connector):
+                view.invalidate(kind)
+                await self._announce(name, kind)
+
+    async def _announce(self, enclave: str, kind: ListKind) -> None:
+        """Tell the enclave's agents that a list changed: its listen streams and its handshake-era sessions."""
+        await self._buses[enclave].publish(_CHANGE_EVENTS[kind])
+        for session_id, (agent, session) in list(self._legacy_sessions.items()):
+            if agent.enclave == enclave:
+                await self._notify_legacy(session_id, session, kind)
 
     async def _notify_legacy(self, session_id: str, session: ServerSession, kind: ListKind) -> None:
         send: Callable[[], Awaitable[None]] = {
@@ -308,13 +362,170 @@ class Gateway:
             with anyio.fail_after(5):
                 await send()
         except Exception:
-            self._legacy_sessions.pop(session_id, None)
+            await self._forget_session(session_id)
+
+    # -- configuration lifecycle (gateway.lifecycle) --------------------------------------------
+
+    def _upstream(self, connector: Connector, resolver: SecretResolver) -> Upstream:
+        return Upstream(connector, resolver, self.redactor, self.upstream_list_changed, self.upstream_notification)
+
+    def reconfigure(self, config: Config, resolver: SecretResolver, restart: set[str]) -> list[str]:
+        """Serve a checked configuration from the next request on; synchronous (no await), so no request sees
+        half of it. A connector that is new or in `restart` gets a new upstream (started on first use), one no
+        longer configured is closed, the others keep their warm sessions. An enclave keeps its view (and the
+        catalogue listed in it) unless its rules or its connectors changed. Returns the enclaves whose lists
+        may have changed, for `announce`."""
+        kept = {name: self.pool.get(name) for name in config.connectors if name not in restart}
+        self.pool.replace(
+            {
+                name: kept.get(name) or self._upstream(connector, resolver)
+                for name, connector in config.connectors.items()
+            }
+        )
+        changed = [
+            name
+            for name, enclave in config.enclaves.items()
+            if name not in self.views
+            or self.views[name].enclave != enclave
+            or not restart.isdisjoint(enclave.connectors)
+        ]
+        self.views = {
+            name: EnclaveView(enclave, self.pool, self.pins) if name in changed else self.views[name]
+            for name, enclave in config.enclaves.items()
+        }
+        for name in changed:
+            if name not in self._buses:
+                self._buses[name] = InMemorySubscriptionBus()
+                self._listeners[name] = ListenHandler(self._buses[name])
+        self.chambers.configure(config)
+        self.config = config
+        return changed
+
+    async def announce(self, enclaves: list[str]) -> None:
+        """After `reconfigure`: relay nothing more to the sessions of agents it removed (their requests get the
+        401 already), and tell the agents of `enclaves` that their lists changed."""
+        for session_id, (agent, _) in list(self._legacy_sessions.items()):
+            home = self.config.enclave_of(agent.name)
+            if home is None or home.name != agent.enclave:
+                await self._forget_session(session_id)
+        for name in enclaves:
+            for kind in _CHANGE_EVENTS:
+                await self._announce(name, kind)
+
+    # -- logging and resource subscriptions (handshake-era agents) -----------------------------
+
+    async def set_logging_level(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SetLevelRequestParams
+    ) -> types.EmptyResult:
+        """This agent session's log level. Upstream sessions are shared, so it never changes what other sessions
+        receive: each session gets what reaches its own level, and each upstream of the enclave is asked for the
+        most verbose level any session wants."""
+        async with self.invocation(ctx) as call:
+            view = self.view_of(call)
+            if call.session_id is not None:
+                self._log_levels[call.session_id] = params.level
+            for connector in view.enclave.connectors:
+                await self.pool[connector].want_log_level(params.level)
+            return self._finish(call, types.EmptyResult())
+
+    async def subscribe_resource(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        """Updates of a resource in the caller's view, for this session only; the upstream is subscribed once."""
+        async with self.invocation(ctx, params.uri) as call:
+            key = (self._resource_route(call, params.uri), params.uri)
+            if call.session_id is None:
+                raise MCPError(INVALID_REQUEST, "Resource subscriptions belong to a session: send Mcp-Session-Id")
+            subscribed = self._subscriptions.setdefault(call.session_id, set())
+            if key not in subscribed:
+                await self.pool[key[0]].subscribe(params.uri)
+                subscribed.add(key)
+            return self._finish(call, types.EmptyResult())
+
+    async def unsubscribe_resource(
+        self, ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
+    ) -> types.EmptyResult:
+        async with self.invocation(ctx, params.uri) as call:
+            key = (self._resource_route(call, params.uri), params.uri)
+            subscribed = self._subscriptions.get(call.session_id or "", set())
+            if key in subscribed:
+                subscribed.discard(key)
+                await self.pool[key[0]].unsubscribe(params.uri)
+            return self._finish(call, types.EmptyResult())
+
+    def _resource_route(self, call: Invocation, uri: str) -> str:
+        """The connector serving `uri` in the caller's view (or it does not exist)."""
+        connector = self.view_of(call).resource_connector(uri)
+        if connector is None:
+            raise errors.unknown_resource(uri)
+        call.route(connector, uri)
+        return connector
+
+    async def upstream_notification(
+        self, connector: str, notification: types.LoggingMessageNotification | types.ResourceUpdatedNotification
+    ) -> None:
+        """Relay what an upstream sent to the handshake-era sessions that asked for it, only in enclaves using the
+        connector: a resource update to the sessions subscribed to it; a log message, redacted, to each session
+        whose level it reaches."""
+        if isinstance(notification, types.ResourceUpdatedNotification):
+            key = (connector, str(notification.params.uri))
+            targets = [session_id for session_id, keys in self._subscriptions.items() if key in keys]
+        else:
+            severity = LOG_LEVELS.index(notification.params.level)
+            targets = [
+                session_id
+                for session_id, (agent, _) in self._legacy_sessions.items()
+                if (view := self.views.get(agent.enclave)) is not None
+                and view.uses(connector)
+                and session_id in self._log_levels
+                and severity >= LOG_LEVELS.index(self._log_levels[session_id])
+            ]
+            redacted = self.redactor.value(notification.model_dump(by_alias=True, exclude_none=True, mode="json"))
+            notification = types.LoggingMessageNotification.model_validate(redacted)
+        for session_id in targets:
+            if (entry := self._legacy_sessions.get(session_id)) is not None:
+                try:
+                    with anyio.fail_after(5):
+                        await entry[1].send_notification(notification)
+                except Exception:
+                    await self._forget_session(session_id)
+
+    async def _forget_session(self, session_id: str) -> None:
+        """A session that cannot be reached any more: relay nothing to it, release its upstream subscriptions."""
+        self._legacy_sessions.pop(session_id, None)
+        self._log_levels.pop(session_id, None)
+        for connector, uri in self._subscriptions.pop(session_id, set()):
+            with contextlib.suppress(Exception):
+                await self.pool[connector].unsubscribe(uri)
+
+    def _pushed_to(self, ctx: ServerRequestContext[Any, Any]) -> PushTarget:
+        """Where a handshake-era upstream's request for input (elicitation, sampling) goes when it belongs to this
+        agent request (see `Upstream._pushed`): to this agent, redacted like a result, if it declared it can answer.
+        Whatever fails is answered to the upstream as an error; the agent's request goes on."""
+
+        async def ask(method: str, params: BaseModel) -> Any:
+            data = self.redactor.value(params.model_dump(by_alias=True, exclude_none=True, mode="json"))
+            request = _PUSHED_REQUESTS[method].model_validate({"method": method, "params": data})
+            try:
+                self.check_input_capabilities(ctx.session.client_capabilities, {method: request})
+                if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                    raise MCPError(
+                        INVALID_REQUEST,
+                        f"This upstream asks its client directly ({method}), which a 2026-07-28 client cannot be "
+                        "asked; connect in the 2025-11-25 era to use it",
+                    )
+                metadata = ServerMessageMetadata(related_request_id=ctx.request_id)
+                return await ctx.session.send_request(request, _INPUT_RESULT_TYPES[method], metadata=metadata)
+            except MCPError as exc:
+                return exc.error
+
+        return ask
 
     # -- shared steps --------------------------------------------------------------------------
 
     def _progress_relay(self, ctx: ServerRequestContext[Any, Any]) -> Any:
         """Relay upstream progress to the agent, under the agent's own progress token."""
-        if ctx.meta is None or ctx.meta.get("progressToken") is None:
+        if ctx.meta is None or all(ctx.meta.get(key) is None for key in PROGRESS_TOKEN_KEYS):
             return None
 
         async def relay(progress: float, total: float | None, message: str | None) -> None:
@@ -340,7 +551,7 @@ class Gateway:
             if not isinstance(result, types.InputRequiredResult):
                 return result
             requests = result.input_requests or {}
-            self._check_input_capabilities(ctx, requests)
+            self.check_input_capabilities(ctx.session.client_capabilities, requests)
             if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
                 return result
             answers = {
@@ -356,23 +567,38 @@ class Gateway:
             raise MCPError(INVALID_REQUEST, f"Upstream asked for input more than {MAX_INPUT_ROUNDS} times; gave up")
         return result
 
-    def _check_input_capabilities(self, ctx: ServerRequestContext[Any, Any], requests: dict[str, Any]) -> None:
-        declared = ctx.session.client_capabilities
+    def check_input_capabilities(self, declared: Any, requests: dict[str, Any]) -> None:
+        """Only ask an agent for what it declared it can answer (`declared`: a model or the raw envelope)."""
+        if isinstance(declared, BaseModel):
+            declared = declared.model_dump(exclude_none=True)
         for request in requests.values():
-            capability = _INPUT_CAPABILITY.get(request.method)
-            if capability is None or declared is None or getattr(declared, capability, None) is None:
+            method = request["method"] if isinstance(request, dict) else request.method
+            capability = _INPUT_CAPABILITY.get(method)
+            if capability is None or not isinstance(declared, dict) or declared.get(capability) is None:
                 raise MCPError(
                     INVALID_REQUEST,
-                    f"This call needs {capability or request.method} from your client, which it did not declare; "
+                    f"This call needs {capability or method} from your client, which it did not declare; "
                     "use a client that supports it",
                 )
 
     def _finish(self, call: Invocation, result: ResultT) -> ResultT:
-        """Redact brokered secrets and strip upstream identity keys from a result about to leave."""
-        call.finish(is_error=bool(getattr(result, "is_error", False)))
-        data = result.model_dump(by_alias=True, exclude_none=True, mode="json")
-        cleaned = _strip_identity(self.redactor.value(data))
+        cleaned = self.clean_raw(call, result.model_dump(by_alias=True, exclude_none=True, mode="json"))
         return type(result).model_validate(cleaned, by_name=False)
+
+    def clean_raw(self, call: Invocation, result: dict[str, Any]) -> dict[str, Any]:
+        """Redact brokered secrets and strip upstream identity keys from a result about to leave; refuse one over
+        the connector's max_result_bytes (its transport bounds what it buffers; this also covers plain JSON
+        replies of HTTP upstreams and lists merged from several connectors)."""
+        call.finish(is_error=bool(result.get("isError")))
+        cleaned = _strip_identity(self.redactor.value(result))
+        call.bytes_out = len(json.dumps(cleaned, separators=(",", ":")))
+        if call.connector is not None:
+            limit = self.pool[call.connector].connector.max_result_bytes
+        else:
+            limit = self.config.settings.limits.max_result_bytes
+        if call.bytes_out > limit:
+            raise errors.result_too_large(call.connector, limit)
+        return cleaned
 
 
 def _strip_identity(value: Any) -> Any:

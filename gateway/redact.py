@@ -3,6 +3,8 @@
 An upstream may echo its environment or its request headers, raw or encoded. For each secret we match
 the raw value, its JSON-escaped form, lower/upper hex, URL encodings, and base64 (standard and URL-safe)
 at all three byte alignments, so a secret embedded inside a longer base64 blob is caught as well.
+Anything shaped like an agent token (`encl_` + 43 characters) is scrubbed too: the gateway never holds the
+tokens themselves, only their hashes, and no token should ever be logged or leave it in a reply.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, quote_plus
 
+from gateway.tokens import TOKEN_PREFIX
+
 REPLACEMENT = "[REDACTED]"
 # Shorter secrets would make the encoded forms match ordinary text; config check refuses them.
 MIN_SECRET_LENGTH = 8
+AGENT_TOKEN = re.escape(TOKEN_PREFIX) + "[A-Za-z0-9_-]{43}"
 
 
 def _base64_cores(value: bytes) -> set[str]:
@@ -49,21 +54,23 @@ class Redactor:
     """Replaces every known secret form in strings and JSON-like structures."""
 
     def __init__(self, secrets: Iterable[str] = ()):
-        self._pattern: re.Pattern[str] | None = None
+        self._pattern = re.compile(AGENT_TOKEN)
+        self._secrets: set[str] = set()
         self.update(secrets)
 
     def update(self, secrets: Iterable[str]) -> None:
-        forms = {form for secret in secrets if secret for form in variants(secret)}
+        """Also scrub `secrets`. Redaction never shrinks: after a reload, an upstream started before it (or a
+        log line about it) may still carry a secret the new configuration no longer references."""
+        self._secrets |= {secret for secret in secrets if secret}
+        forms = {form for secret in self._secrets for form in variants(secret)}
         ordered = sorted(forms, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self._pattern = re.compile("|".join([*map(re.escape, ordered), AGENT_TOKEN]))
 
     def text(self, value: str) -> str:
-        return self._pattern.sub(REPLACEMENT, value) if self._pattern is not None else value
+        return self._pattern.sub(REPLACEMENT, value)
 
     def value(self, obj: Any) -> Any:
         """A copy of a JSON-like value with every string (keys included) redacted."""
-        if self._pattern is None:
-            return obj
         if isinstance(obj, str):
             return self.text(obj)
         if isinstance(obj, dict):

@@ -8,7 +8,8 @@ lifespan, which owns the state store, the upstream sessions and the admin contro
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,15 +21,21 @@ from mcp.server.auth.routes import build_resource_metadata_url, create_protected
 from mcp.server.models import InitializationOptions
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPDeprecationWarning
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from gateway import __version__, control
+from gateway.audit import AuditedEndpoint, AuditLog
 from gateway.auth import AgentDirectory, BearerBackend
 from gateway.config import Config, ListenSettings
+from gateway.fastpath import FastPath
+from gateway.guard import AgentGuard
+from gateway.lifecycle import ConfigReloader
 from gateway.pipeline import Gateway
 from gateway.state import StateStore
 
@@ -58,6 +65,12 @@ class GatewayServer(Server[Any]):
 
 
 def mcp_server(gateway: Gateway) -> GatewayServer:
+    with warnings.catch_warnings():  # logging is deprecated in 2026-07-28; handshake-era agents still use it
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        return _mcp_server(gateway)
+
+
+def _mcp_server(gateway: Gateway) -> GatewayServer:
     return GatewayServer(
         "enclave-gateway",
         version=__version__,
@@ -72,6 +85,9 @@ def mcp_server(gateway: Gateway) -> GatewayServer:
         on_get_prompt=gateway.get_prompt,
         on_completion=gateway.complete,
         on_subscriptions_listen=gateway.listen,
+        on_subscribe_resource=gateway.subscribe_resource,
+        on_unsubscribe_resource=gateway.unsubscribe_resource,
+        on_set_logging_level=gateway.set_logging_level,
     )
 
 
@@ -96,16 +112,22 @@ def transport_security(listen: ListenSettings) -> TransportSecuritySettings:
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
-def build_app(config: Config, gateway: Gateway, directory: AgentDirectory) -> Starlette:
+def build_app(
+    config: Config, gateway: Gateway, directory: AgentDirectory, audit: AuditLog, reloader: ConfigReloader
+) -> ASGIApp:
     settings = config.settings
     server = mcp_server(gateway)
+    security = transport_security(settings.listen)
+    backend = BearerBackend(directory)
     sessions = StreamableHTTPSessionManager(
         app=server,
-        security_settings=transport_security(settings.listen),
+        security_settings=security,
         max_request_body_size=settings.limits.max_request_bytes,
     )
     resource_url = AnyHttpUrl(base_url(settings.listen) + MCP_PATH)
-    endpoint = RequireAuthMiddleware(StreamableHTTPASGIApp(sessions), [], build_resource_metadata_url(resource_url))
+    endpoint = AuditedEndpoint(
+        RequireAuthMiddleware(StreamableHTTPASGIApp(sessions), [], build_resource_metadata_url(resource_url)), audit
+    )
     routes = [
         Route(MCP_PATH, endpoint=endpoint),
         *create_protected_resource_routes(
@@ -118,27 +140,50 @@ def build_app(config: Config, gateway: Gateway, directory: AgentDirectory) -> St
 
     async def reload_agents() -> None:
         async with StateStore.open(settings.state_dir) as store:
-            directory.replace(await store.agents(), config)
+            directory.replace(await store.agents(), gateway.config)
+
+    async def tool_approved(message: Mapping[str, object]) -> None:
+        """`enclave approve-tool` trusted a new definition: re-read its pin, re-list the connector's tools."""
+        connector = str(message.get("connector"))
+        await gateway.pins.refresh(connector, str(message.get("tool")))
+        await gateway.upstream_list_changed(connector, "tools")
+
+    # control operation -> its handler (each takes the request message; it may return its own reply)
+    operations: dict[str, Callable[[Mapping[str, object]], Awaitable[dict[str, object] | None]]] = {
+        "reload-agents": lambda message: reload_agents(),
+        "approval-decided": gateway.chambers.decided,
+        "reload": reloader.control,
+        "tool-approved": tool_approved,
+    }
 
     async def on_control(message: Mapping[str, object]) -> dict[str, object]:
-        if message.get("op") == "reload-agents":
-            await reload_agents()
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown operation {message.get('op')!r}"}
+        operation = operations.get(str(message.get("op")))
+        if operation is None:
+            return {"ok": False, "error": f"unknown operation {message.get('op')!r}"}
+        reply = await operation(message)
+        return reply if reply is not None else {"ok": True}
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await reload_agents()
-        async with gateway.pool.running(), sessions.run(), anyio.create_task_group() as tg:
+        async with (
+            audit.running(),
+            gateway.chambers.running(settings.state_dir),
+            gateway.pins.running(settings.state_dir),
+            gateway.pool.running(),
+            sessions.run(),
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(control.serve, settings.state_dir, on_control)
+            tg.start_soon(reloader.watch)
+            tg.start_soon(reloader.on_sighup)
             yield
             tg.cancel_scope.cancel()
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
-        middleware=[
-            Middleware(AuthenticationMiddleware, backend=BearerBackend(directory)),
-            Middleware(AuthContextMiddleware),
-        ],
+        middleware=[Middleware(AuthenticationMiddleware, backend=backend), Middleware(AuthContextMiddleware)],
         lifespan=lifespan,
     )
+    paths = FastPath(app, gateway, backend, security, MCP_PATH, server.server_info_stamp) if settings.fast_path else app
+    return AgentGuard(paths, gateway, backend, settings.limits, MCP_PATH)

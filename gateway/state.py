@@ -17,6 +17,8 @@ import aiosqlite
 from gateway.tokens import ensure_state_dir
 
 DB_FILE = "state.db"
+# Every connection to the state database: durable commits, and waits (rather than fails) for a busy writer.
+PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA busy_timeout=5000")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -67,9 +69,8 @@ class StateStore:
     async def open(cls, state_dir: Path) -> AsyncIterator[StateStore]:
         path = ensure_state_dir(state_dir) / DB_FILE
         async with aiosqlite.connect(path) as db:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=FULL")
-            await db.execute("PRAGMA busy_timeout=5000")
+            for pragma in PRAGMAS:
+                await db.execute(pragma)
             await db.executescript(SCHEMA)
             await db.commit()
             path.chmod(0o600)

@@ -3,35 +3,26 @@
 Exposure rules (names and globs per connector) are applied to the connectors' live lists; exposed tools
 are renamed or prefixed and indexed by the name agents use, so that deciding a call is one dict lookup
 whatever the number of tools. Anything outside the view is indistinguishable from a name that exists
-nowhere.
+nowhere. A tool whose upstream definition no longer matches its pin (gateway.pins) is left out as well.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
-from urllib.parse import unquote
 
 import mcp_types as types
 
+from gateway import faults
 from gateway.config import Enclave, Exposure
+from gateway.pins import ToolPins
 from gateway.upstream import ListKind, UpstreamPool
 from gateway.validation import ArgumentValidator
 
 logger = logging.getLogger(__name__)
-
-# A URI is matched only in canonical form: no dot segments (raw or percent-encoded), no control characters.
-_DOT_SEGMENT = re.compile(r"(^|[/\\])\.{1,2}([/\\?#]|$)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def canonical_uri(uri: str) -> str | None:
-    decoded = unquote(uri)
-    if _DOT_SEGMENT.search(decoded) or _CONTROL.search(decoded) or "\\" in decoded:
-        return None
-    return uri
 
 
 @dataclass(frozen=True)
@@ -41,6 +32,11 @@ class ExposedTool:
     upstream_name: str
     definition: types.Tool
     validator: ArgumentValidator
+
+    @cached_property
+    def fast(self) -> bool:
+        """Whether the fast path may serve it: it has no `x-mcp-header` arguments (Mcp-Param-* headers)."""
+        return "x-mcp-header" not in json.dumps(self.definition.input_schema)
 
 
 @dataclass(frozen=True)
@@ -54,9 +50,10 @@ class ExposedPrompt:
 class EnclaveView:
     """One enclave's catalogue, built from its connectors' lists and rebuilt when they change."""
 
-    def __init__(self, enclave: Enclave, pool: UpstreamPool):
+    def __init__(self, enclave: Enclave, pool: UpstreamPool, pins: ToolPins):
         self.enclave = enclave
         self._pool = pool
+        self._pins = pins
         self._tools: dict[str, ExposedTool] | None = None
         self._prompts: dict[str, ExposedPrompt] | None = None
 
@@ -72,6 +69,7 @@ class EnclaveView:
     # -- tools ---------------------------------------------------------------------------------
 
     async def tools(self) -> dict[str, ExposedTool]:
+        faults.check("policy", self.enclave.name)
         if self._tools is None:
             tools, complete = await self._build(self._tool_entries)
             if complete:
@@ -85,9 +83,17 @@ class EnclaveView:
     def cached_tool(self, name: str) -> ExposedTool | None:
         return self._tools.get(name) if self._tools is not None else None
 
+    def withheld(self, name: str) -> bool:
+        """Whether the tool agents would know as `name` is hidden because its definition changed upstream."""
+        return any(
+            self._pins.withheld(connector, upstream)
+            for connector, exposure in self.enclave.connectors.items()
+            for upstream in exposure.upstream_tools(name)
+        )
+
     async def _tool_entries(self, connector: str, exposure: Exposure) -> list[tuple[str, ExposedTool]]:
         entries = []
-        for tool in await self._pool[connector].tools():
+        for tool in await self._pins.approved(connector, await self._pool[connector].tools()):
             if exposure.tools.matches(tool.name):
                 name = exposure.exposed_name(tool.name)
                 definition = tool.model_copy(update={"name": name})
@@ -102,6 +108,7 @@ class EnclaveView:
     # -- prompts -------------------------------------------------------------------------------
 
     async def prompts(self) -> dict[str, ExposedPrompt]:
+        faults.check("policy", self.enclave.name)
         if self._prompts is None:
             prompts, complete = await self._build(self._prompt_entries)
             if complete:
@@ -151,12 +158,8 @@ class EnclaveView:
 
     def resource_connector(self, uri: str) -> str | None:
         """The connector that serves `uri` for this enclave, or None if the enclave does not expose it."""
-        if canonical_uri(uri) is None:
-            return None
-        for connector, exposure in self.enclave.connectors.items():
-            if exposure.resources.matches(uri):
-                return connector
-        return None
+        faults.check("policy", self.enclave.name)
+        return self.enclave.resource_connector(uri)
 
     async def resources(self) -> list[types.Resource]:
         listed: list[types.Resource] = []

@@ -11,6 +11,7 @@ Every upstream that we wrote logs what it receives (UPSTREAM_LOG), so tests can 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,10 +97,17 @@ def build_topology(root: Path) -> tuple[ConfigDir, str, str, dict[str, UpstreamL
     return config, secret, weather_secret, logs
 
 
+@contextmanager
+def serve_topology(root: Path, extra_env: dict[str, str] | None = None) -> Iterator[Topology]:
+    """The standard topology served by a gateway started with `extra_env` added to its environment."""
+    config, secret, weather_secret, logs = build_topology(root)
+    tokens = {agent: config.mint(agent, enclave) for agent, enclave in (("a1", "e1"), ("a2", "e1"), ("b1", "e2"))}
+    with running(config, extra_env) as gateway:
+        yield Topology(config, gateway, tokens, secret, weather_secret, logs)
+
+
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     """The standard topology with one gateway for the whole module (tests must not change its state)."""
-    config, secret, weather_secret, logs = build_topology(tmp_path_factory.mktemp("topology"))
-    tokens = {agent: config.mint(agent, enclave) for agent, enclave in (("a1", "e1"), ("a2", "e1"), ("b1", "e2"))}
-    with running(config) as gateway:
-        yield Topology(config, gateway, tokens, secret, weather_secret, logs)
+    with serve_topology(tmp_path_factory.mktemp("topology")) as topology:
+        yield topology

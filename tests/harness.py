@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import httpx2
 import yaml
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.inbound import encode_header_value
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "servers"
@@ -70,8 +72,9 @@ class ConfigDir:
         (self.root / "connectors" / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, **spec}))
         return self
 
-    def enclave(self, name: str, agents: list[str], connectors: dict[str, Any]) -> ConfigDir:
-        data = {"name": name, "agents": agents, "connectors": connectors}
+    def enclave(self, name: str, agents: list[str], connectors: dict[str, Any], **settings: Any) -> ConfigDir:
+        """enclaves/NAME.yaml; `settings` are further top-level fields (e.g. audit={"raw_arguments": True})."""
+        data = {"name": name, "agents": agents, "connectors": connectors, **settings}
         (self.root / "enclaves" / f"{name}.yaml").write_text(yaml.safe_dump(data))
         return self
 
@@ -126,7 +129,7 @@ class GatewayProcess:
         self.stdout_lines: list[str] = []
         self._wait_ready()
 
-    def _wait_ready(self, timeout: float = 30) -> None:
+    def _wait_ready(self, timeout: float = 90) -> None:
         ready = threading.Event()
 
         def read() -> None:
@@ -139,8 +142,9 @@ class GatewayProcess:
 
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(timeout) or self.process.poll() is not None:
+            output = self.stderr()
             self.stop()
-            raise AssertionError(f"gateway did not start:\n{self.stderr()}")
+            raise AssertionError(f"gateway did not start:\n{output}")
 
     def stderr(self) -> str:
         self._stderr.flush()
@@ -196,6 +200,12 @@ class UpstreamLog:
         return [m for m in self.messages() if m["method"] == method]
 
 
+@cache
+def http() -> httpx2.Client:
+    """One shared client for raw requests: building one costs ~0.2 s (its TLS context), even for plain HTTP."""
+    return httpx2.Client(timeout=30)
+
+
 def raw_post(url: str, body: dict[str, Any] | str, token: str | None = None, **headers: str) -> httpx2.Response:
     """One JSON-RPC POST with full control over headers (for protocol-level and adversarial tests)."""
     all_headers = {
@@ -207,4 +217,36 @@ def raw_post(url: str, body: dict[str, Any] | str, token: str | None = None, **h
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
     content = body if isinstance(body, str) else json.dumps(body)
-    return httpx2.post(url, content=content, headers=all_headers, timeout=30)
+    return http().post(url, content=content, headers=all_headers)
+
+
+def legacy_session(url: str, token: str) -> dict[str, str]:
+    """Open a 2025-11-25 (handshake era) session by hand; returns the headers that address it."""
+    hello = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}
+    response = raw_post(url, {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}, token)
+    assert response.status_code == 200, response.text
+    session = {"Mcp-Session-Id": response.headers["mcp-session-id"]}
+    raw_post(url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, token, **session)
+    return session
+
+
+def modern_post(
+    url: str, method: str, params: dict[str, Any], token: str | None, request_id: int = 1, **headers: str
+) -> httpx2.Response:
+    """One 2026-07-28 (stateless era) request: the `_meta` envelope (added to any in `params`) plus the routing
+    headers it must match."""
+    envelope = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
+    }
+    body = {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": method,
+        "params": {**params, "_meta": {**params.get("_meta", {}), **envelope}},
+    }
+    routing = {"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": method}
+    if (name := params.get("uri" if method == "resources/read" else "name")) is not None:
+        routing["Mcp-Name"] = encode_header_value(name)
+    return raw_post(url, body, token, **routing, **headers)

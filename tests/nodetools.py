@@ -43,6 +43,12 @@ def tools_available() -> bool:
     return all(p.exists() for p in (NODE, INSPECTOR_JS, CONFORMANCE_JS, EVERYTHING_JS))
 
 
+def require_tools() -> None:
+    """Fail (never skip: CI must run these tests) when the tools are missing, saying how to install them."""
+    if not tools_available():
+        raise RuntimeError(f"the Node-based MCP tools are missing under {TOOLS}: run `bash tests/node_tools.sh` first")
+
+
 def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The current environment with Node 22 first on PATH (so a stdio server given as `node ...` gets it too)."""
     env = {**os.environ, "PATH": f"{NODE.parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -12,10 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.cli import agents, runtime
+from gateway.cli import agents, chambers, clients, connect, governance, pins, reach, runtime
 from gateway.cli.common import CommandError
 
-MODULES = (runtime, agents)
+MODULES = (runtime, agents, governance, chambers, pins, reach, connect, clients)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,29 +18,35 @@ from gateway.cli.common import (
     timestamp,
     with_store,
 )
+from gateway.config import Config
 from gateway.state import StateStore
+
+
+def mint_token(config: Config, name: str, enclave_name: str, expires_at: float | None = None) -> str:
+    """A new token for an agent listed in the enclave, stored (as a hash) and applied by a running gateway; the
+    returned token exists nowhere else."""
+    enclave = config.enclaves.get(enclave_name)
+    if enclave is None:
+        raise CommandError(f"no enclave {enclave_name!r}; known: {', '.join(sorted(config.enclaves)) or 'none'}")
+    if name not in enclave.agents:
+        raise CommandError(f"agent {name!r} is not listed in {enclave.source} (field 'agents'); add it there first")
+    token = tokens.mint()
+
+    async def add(store: StateStore) -> None:
+        await store.add_agent(name, enclave.name, tokens.token_hash(token), expires_at)
+
+    with_store(config, add)
+    notify_gateway(config)
+    return token
 
 
 def cmd_agent_add(args: argparse.Namespace) -> int:
     config = load(args)
-    enclave = config.enclaves.get(args.enclave)
-    if enclave is None:
-        raise CommandError(f"no enclave {args.enclave!r}; known: {', '.join(sorted(config.enclaves)) or 'none'}")
-    if args.name not in enclave.agents:
-        raise CommandError(
-            f"agent {args.name!r} is not listed in {enclave.source} (field 'agents'); add it there first"
-        )
     expires_at = time.time() + parse_duration(args.expires) if args.expires else None
-    token = tokens.mint()
-
-    async def add(store: StateStore) -> None:
-        await store.add_agent(args.name, enclave.name, tokens.token_hash(token), expires_at)
-
-    with_store(config, add)
-    notify_gateway(config)
+    token = mint_token(config, args.name, args.enclave, expires_at)
     print(token)
     print(
-        f"agent {args.name!r} added to enclave {enclave.name!r}"
+        f"agent {args.name!r} added to enclave {args.enclave!r}"
         + (f", expires {timestamp(expires_at)}" if expires_at else "")
         + ". The token above is shown only once: store it now.",
         file=sys.stderr,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -14,14 +13,11 @@ from typing import Any
 import anyio
 
 from gateway import control
-from gateway.config import Config, ConfigError, StdioTarget, load_config
+from gateway.config import Config, ConfigError, StdioTarget, duration_seconds, load_config
 from gateway.redact import MIN_SECRET_LENGTH
 from gateway.secrets import SECRET_REF, SecretError, SecretResolver
 from gateway.state import StateError, StateStore
 from gateway.yamldoc import Problem
-
-DURATION = re.compile(r"^(\d+)([smhd])$")
-UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 Commands = argparse._SubParsersAction  # the `add_subparsers()` object each module registers on
 
@@ -31,10 +27,10 @@ class CommandError(Exception):
 
 
 def parse_duration(text: str) -> float:
-    match = DURATION.match(text.strip())
-    if not match:
+    seconds = duration_seconds(text)
+    if seconds is None:
         raise CommandError(f"invalid duration {text!r}: use a number and a unit, e.g. 30m, 12h, 7d")
-    return int(match.group(1)) * UNIT_SECONDS[match.group(2)]
+    return seconds
 
 
 def timestamp(value: float | None) -> str:

@@ -1,10 +1,11 @@
-"""`enclave serve` and `enclave check`."""
+"""`enclave serve`, `enclave check` and `enclave reload`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from gateway import control
 from gateway.cli.common import CommandError, Commands, load, resolve_secrets
 
 
@@ -16,7 +17,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     if problems:
         raise CommandError(f"{len(problems)} secret reference(s) cannot be resolved")
     agents = sum(len(e.agents) for e in config.enclaves.values())
-    print(f"ok: {len(config.connectors)} connector(s), {len(config.enclaves)} enclave(s), {agents} agent(s)")
+    tests = sum(len(e.tests) for e in config.enclaves.values())
+    print(
+        f"ok: {len(config.connectors)} connector(s), {len(config.enclaves)} enclave(s), {agents} agent(s), "
+        f"{tests} policy test(s) passed"
+    )
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Have the running gateway reload its configuration directory now, and report what it did."""
+    try:
+        config = load(args)
+    except CommandError:
+        raise CommandError(
+            "configuration has errors (above): not reloaded; a running gateway keeps its current configuration"
+        ) from None
+    reply = control.request(config.settings.state_dir, {"op": "reload"}, timeout=30)
+    if reply is None:
+        raise CommandError(f"no gateway is running with state directory {config.settings.state_dir}; nothing to reload")
+    for problem in reply.get("problems") or ():
+        print(problem, file=sys.stderr)
+    if not reply.get("ok"):
+        raise CommandError(f"reload {reply.get('summary') or reply.get('error') or 'failed'}")
+    print(reply.get("summary"))
     return 0
 
 
@@ -37,5 +61,14 @@ def register(commands: Commands) -> None:
     serve.add_argument("--listen", metavar="HOST:PORT", help="override listen.host/listen.port from gateway.yaml")
     serve.set_defaults(func=cmd_serve)
 
-    check = commands.add_parser("check", help="validate the configuration and its secret references")
+    check = commands.add_parser(
+        "check", help="validate the configuration, its secret references and the enclaves' policy tests"
+    )
     check.set_defaults(func=cmd_check)
+
+    reload = commands.add_parser(
+        "reload",
+        help="have the running gateway reload its configuration now (it also does on file change and SIGHUP); "
+        "a configuration with errors is refused and the old one kept",
+    )
+    reload.set_defaults(func=cmd_reload)

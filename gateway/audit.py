@@ -1,0 +1,230 @@
+"""The audit log: every invocation becomes one row of the state database, committed before its reply leaves.
+
+Group commit: `record()` builds the row in the caller, queues it and waits; one writer task takes all that is
+queued, appends it in one transaction (one fsync, synchronous=FULL) and then releases every waiting caller.
+Under load many calls share each commit, and a released caller's row is on disk, so `kill -9` loses no row
+whose reply was sent. A failed write makes `record()` raise, and the pipeline refuses the call.
+
+Arguments are stored as an HMAC-SHA256 digest under the gateway key (equal arguments, equal digest; the
+values stay private); raw arguments only for enclaves with `audit: {raw_arguments: true}`, redacted.
+`AuditedEndpoint` records what only the HTTP layer sees: authentication failures and sessions that end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway import faults
+from gateway.audit_store import (
+    STATELESS_PREFIX,
+    AuditStore,
+    SessionEnd,
+    SessionTouch,
+    canonical_json,
+    event_row,
+    typed_row,
+)
+from gateway.auth import AUTH_FAILURE_KEY, AuthenticatedAgent, AuthFailure
+from gateway.config import Config
+from gateway.invocation import Invocation
+from gateway.redact import Redactor
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+
+
+class AuditError(Exception):
+    """An audit row could not be committed; the request it records must not succeed."""
+
+
+@dataclass
+class _Entry:
+    """One unit of work for the writer, and the caller waiting for its commit."""
+
+    row: dict[str, Any] | None = None
+    touch: SessionTouch | None = None
+    end: SessionEnd | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    committed: bool = False
+
+
+class AuditLog:
+    """The `Recorder` that writes the audit log; `running()` owns its connection and writer task."""
+
+    def __init__(self, config: Config, key: bytes, redactor: Redactor):
+        self.config = config
+        self._key = key
+        self._redactor = redactor
+        self._send: MemoryObjectSendStream[_Entry] | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Open the log; on exit, everything queued is still written before the connection closes."""
+        store = await anyio.to_thread.run_sync(AuditStore.open, self.config.settings.state_dir)
+        try:
+            await anyio.to_thread.run_sync(store.end_sessions, time.time())
+            send, receive = anyio.create_memory_object_stream[_Entry](math.inf)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._write, store, receive)
+                self._send = send
+                try:
+                    yield
+                finally:
+                    self._send = None
+                    send.close()
+        finally:
+            store.close()
+
+    async def record(self, invocation: Invocation) -> None:
+        faults.check("audit_write", invocation.agent.name if invocation.agent is not None else None)
+        row = self._row(invocation)
+        await self._submit(_Entry(row=row, touch=_touch(invocation, row)))
+
+    async def record_auth_failure(self, failure: AuthFailure) -> None:
+        """One row per refused request: the cause and the token's fingerprint, never the token."""
+        row = event_row("auth", "deny", failure.reason, token_fingerprint=failure.token_fingerprint)
+        await self._submit(_Entry(row=row))
+
+    async def record_event(self, method: str, decision: str, reason: str, **columns: Any) -> None:
+        """A gateway event (see `event_row`), committed before this returns; the reason passes the redactor."""
+        await self._submit(_Entry(row=event_row(method, decision, self._redactor.text(reason), **columns)))
+
+    async def end_session(self, agent: str, session: str) -> None:
+        await self._submit(_Entry(end=SessionEnd(agent, session, time.time())))
+
+    async def _submit(self, entry: _Entry) -> None:
+        # Queued before the first await: a caller cancelled while waiting still gets its row written.
+        if self._send is None:
+            raise AuditError("the audit log is not running")
+        self._send.send_nowait(entry)
+        await entry.done.wait()
+        if not entry.committed:
+            raise AuditError("the audit row could not be committed")
+
+    async def _write(self, store: AuditStore, receive: MemoryObjectReceiveStream[_Entry]) -> None:
+        async with receive:
+            async for first in receive:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                try:  # the whole batch in one worker-thread call: one transaction, one fsync
+                    await anyio.to_thread.run_sync(
+                        store.append,
+                        [entry.row for entry in batch if entry.row is not None],
+                        [entry.touch for entry in batch if entry.touch is not None],
+                        [entry.end for entry in batch if entry.end is not None],
+                    )
+                    for entry in batch:
+                        entry.committed = True
+                except Exception as exc:
+                    logger.error("audit write of %d entries failed, their requests are refused: %s", len(batch), exc)
+                finally:
+                    for entry in batch:
+                        entry.done.set()
+
+    def _row(self, call: Invocation) -> dict[str, Any]:
+        digest = raw = None
+        if call.arguments is not None:
+            digest = hmac.new(self._key, canonical_json(call.arguments).encode("ascii"), hashlib.sha256).hexdigest()
+            enclave = self.config.enclaves.get(call.enclave or "")
+            if enclave is not None and enclave.audit.raw_arguments:
+                raw = canonical_json(self._redactor.value(call.arguments))
+        return typed_row(
+            {
+                "at": call.at,
+                "agent": call.agent.name if call.agent is not None else None,
+                "enclave": call.enclave,
+                "session_id": call.session_id,
+                "client_name": call.client_name,
+                "client_version": call.client_version,
+                "protocol_version": call.protocol_version,
+                "process": canonical_json(call.process) if call.process is not None else None,
+                "method": call.method,
+                "request_id": call.request_id,
+                "connector": call.connector,
+                "target": call.target,
+                "upstream_target": call.upstream_target,
+                "args_digest": digest,
+                "args_raw": raw,
+                "decision": call.decision,
+                "reason": call.reason,
+                "chamber": call.chamber,
+                "grant_id": call.grant_id,
+                "outcome": call.outcome,
+                "error_code": call.error_code,
+                "latency_ms": round(call.latency_seconds * 1000, 3),
+                "bytes_in": call.bytes_in,
+                "bytes_out": call.bytes_out,
+                "trace_id": call.trace_id,
+                "span_id": call.span_id,
+                "correlation_id": call.correlation_id,
+            }
+        )
+
+
+def _touch(call: Invocation, row: dict[str, Any]) -> SessionTouch | None:
+    """The session a call belongs to: its handshake-era session or, stateless, its agent, client and (verified)
+    local process."""
+    if call.agent is None:
+        return None
+    if call.session_id and call.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        session = call.session_id
+    else:
+        pid = call.process.get("pid") if call.process else None
+        session = f"{STATELESS_PREFIX}{call.client_name or '-'}/{call.client_version or '-'}{f'@{pid}' if pid else ''}"
+    return SessionTouch(
+        call.agent.name,
+        session,
+        call.agent.enclave,
+        row["client_name"],
+        row["client_version"],
+        row["protocol_version"],
+        row["process"],
+        row["at"],
+    )
+
+
+class AuditedEndpoint:
+    """The MCP endpoint plus what only the HTTP layer sees: each authentication failure (one row per 401,
+    answered by the RequireAuthMiddleware inside) and each session its agent ends (DELETE)."""
+
+    def __init__(self, app: ASGIApp, audit: AuditLog):
+        self.app = app
+        self.audit = audit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        failure = scope.get(AUTH_FAILURE_KEY)
+        if isinstance(failure, AuthFailure):
+            try:
+                await self.audit.record_auth_failure(failure)
+            except AuditError:
+                logger.error(
+                    "could not audit an authentication failure (%s); it is refused all the same", failure.reason
+                )
+        await self.app(scope, receive, send)
+        user = scope.get("user")
+        if scope["method"] == "DELETE" and isinstance(user, AuthenticatedAgent):
+            session = Headers(scope=scope).get("mcp-session-id")
+            if session:
+                try:
+                    await self.audit.end_session(user.agent.name, session)
+                except AuditError:
+                    logger.warning("could not mark session of agent %s as ended", user.agent.name)
