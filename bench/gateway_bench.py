@@ -38,6 +38,13 @@ from tests.harness import EVIL, ConfigDir, GatewayProcess, free_port, python_ser
 
 MODERN = "2026-07-28"
 LEGACY = "2025-11-25"
+# One agent plays every client here: its per-agent rate and concurrency limits would measure themselves.
+UNLIMITED = {
+    "agent_rate_per_second": 1e9,
+    "agent_burst": 1_000_000_000,
+    "agent_concurrency": 1_000_000,
+    "agent_sessions": 1_000_000,
+}
 
 
 # --------------------------------------------------------------------------- a lean JSON-RPC client
@@ -139,7 +146,7 @@ def direct_http_upstream(env: dict[str, str]) -> Iterator[tuple[str, int]]:
 def gateway(root: Path, env: dict[str, str], fast_path: bool = True) -> Iterator[tuple[GatewayProcess, str]]:
     config = (
         ConfigDir(root)
-        .gateway(fast_path=fast_path)
+        .gateway(fast_path=fast_path, limits=UNLIMITED)
         .connector("evil", python_server(EVIL, **env))
         .enclave("bench", ["bench"], {"evil": {"tools": ["echo", "giant"]}})
     )

@@ -57,6 +57,8 @@ def plan(found: Found, taken: set[str], environ: Mapping[str, str] = os.environ)
     result = Plan(found, name, {"name": name, "description": f"adopted from {found.client} ({found.file})"})
     spec = found.spec
     if found.transport == "http":
+        if spec.get("type") == "sse" or str(spec.get("transport", "")).lower() == "sse":
+            raise AdoptError("it uses the deprecated HTTP+SSE transport; connectors speak streamable HTTP")
         url = str(spec.get("url") or spec.get("serverUrl"))
         if not url.startswith(("http://", "https://")) or CLIENT_REFERENCE.search(url) or url_secrets(url)[1]:
             raise AdoptError(

@@ -1,5 +1,5 @@
-"""MCP clients' configuration files: where each client keeps its servers, the entry that routes it through the
-gateway, and safe edits of those files (merged, backed up, idempotent).
+"""MCP clients on this machine: where each keeps its servers, the entry that routes it through the gateway, safe
+edits of those files (merged, backed up, idempotent), and where a local client's agent token comes from.
 
 Formats, as each client documents them (checked November 2026):
 

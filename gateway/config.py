@@ -67,6 +67,17 @@ class ListenSettings:
     allowed_origins: tuple[str, ...] = ()
 
 
+MCP_PATH = "/mcp"  # where agents reach the gateway's MCP endpoint
+
+
+def base_url(listen: ListenSettings) -> str:
+    """The gateway's URL as agents reach it: `public_url`, else http://HOST:PORT."""
+    if listen.public_url:
+        return listen.public_url
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    return f"http://{host}:{listen.port}"
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one agent or one upstream can make the gateway do (SECURITY.md explains each)."""
@@ -79,6 +90,7 @@ class Limits:
     agent_rate_per_second: float = 100.0
     agent_burst: int = 200
     agent_concurrency: int = 32
+    agent_sessions: int = 100
 
 
 @dataclass(frozen=True)

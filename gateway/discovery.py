@@ -68,6 +68,7 @@ class Found:
         return {
             "client": self.client,
             "server": self.name,
+            "via_gateway": self.via_gateway,
             "transport": self.transport,
             "target": self.target,
             "inline_secrets": [f"{where} (inline secret)" for where in self.secrets],

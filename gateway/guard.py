@@ -1,16 +1,22 @@
 """The agent guard: what every request to the MCP endpoint passes before either request path (the fast path or
 the SDK's server) reads it, so that both apply the same limits and see the same message.
 
-For a request with a valid agent token (any other goes straight on, to get the one 401):
+First, for every request: a Host header that is not a host name or IP literal with an optional port (one with
+`/`, `?`, `#`, `@`, ...) is refused with 400 (the SDK's allowlist admits any suffix after `host:`, and a
+Host that does not parse the same everywhere is how Starlette's BadHost flaw moved paths). Then, for a request
+with a valid agent token (any other goes straight on, to get the one 401):
 
 1. the agent's rate (`limits.agent_rate_per_second`, `agent_burst`): over it, 429 with `Retry-After`;
 2. the body (POST): at most `max_request_bytes` (413), received within `request_read_seconds` (408), and
    decoded strictly (gateway.decoding: 400 for a parse error, a batch or anything that is not one message);
-3. the agent's requests in flight (`agent_concurrency`, JSON-RPC requests only: notifications are answered
+3. the agent's open handshake-era sessions (`agent_sessions`), when it asks for one more: over it, 429 (the
+   SDK's own cap, 10 000 sessions in all, would otherwise let one agent take every session there is);
+4. the agent's requests in flight (`agent_concurrency`, JSON-RPC requests only: notifications are answered
    at once): over it, 429.
 
 Every refusal is a JSON-RPC error (codes in gateway.errors) and is audited as a denial with reason
-`rate_limited`, `concurrency_limited`, `request_too_large`, `request_timeout` or `malformed_request`; the
+`rate_limited`, `session_limit`, `concurrency_limited`, `request_too_large`, `request_timeout` or
+`malformed_request`; the
 upstream is never contacted. The decoded message rides on the ASGI scope (`MESSAGE_KEY`) for the fast path,
 and the body is replayed, unchanged, to whichever path serves it.
 """
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Container
 from typing import Any
 
 import anyio
@@ -38,6 +46,7 @@ from gateway.peers import process_of
 from gateway.pipeline import Gateway
 
 MESSAGE_KEY = "enclave.message"
+VALID_HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 LONG_LIVED = frozenset({"subscriptions/listen"})  # a stream held open, not a request in flight
 
 
@@ -54,16 +63,33 @@ class _Gone(Exception):
 class AgentGuard:
     """ASGI app in front of the MCP endpoint's request paths (`app`); see the module docstring."""
 
-    def __init__(self, app: ASGIApp, gateway: Gateway, backend: BearerBackend, limits: Limits, path: str):
+    def __init__(
+        self,
+        app: ASGIApp,
+        gateway: Gateway,
+        backend: BearerBackend,
+        limits: Limits,
+        path: str,
+        open_sessions: Container[str],
+    ):
         self.app = app
         self.gateway = gateway
         self.backend = backend
         self.limits = limits
         self.limiter = AgentLimiter(limits)
         self.path = path
+        self.open_sessions = open_sessions  # ids of every handshake-era session open now
+        self._sessions: dict[str, set[str]] = {}  # agent -> the sessions it opened (some may have ended since)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = Headers(scope=scope).get("host")
+        if host is not None and not VALID_HOST.fullmatch(host):
+            await _respond(send, None, _Refused(400, INVALID_REQUEST, "Invalid Host header", "invalid_host"))
+            return
+        if scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
         agent = self.backend.agent_for(HTTPConnection(scope))
@@ -90,6 +116,8 @@ class AgentGuard:
                     "rate_limited",
                     wait,
                 )
+            if message.get("method") == "initialize" and "mcp-session-id" not in Headers(scope=scope):
+                send = self._opening_session(agent.name, send)
             if "id" not in message or message.get("method") in LONG_LIVED:
                 await self.app(scope, receive, send)
                 return
@@ -111,6 +139,28 @@ class AgentGuard:
             await _respond(send, message.get("id"), refusal)
         except _Gone:
             return
+
+    def _opening_session(self, agent: str, send: Send) -> Send:
+        """Refuse a session over the agent's limit, or note the one its reply opens."""
+        sessions = self._sessions.setdefault(agent, set())
+        sessions -= {session for session in sessions if session not in self.open_sessions}  # ended or expired
+        if len(sessions) >= self.limits.agent_sessions:
+            raise _Refused(
+                429,
+                errors.TOO_MANY_REQUESTS,
+                f"Too many open sessions: the limit is {self.limits.agent_sessions} per agent; end one you no longer "
+                "use (HTTP DELETE with its Mcp-Session-Id) or let it expire",
+                "session_limit",
+            )
+
+        async def noting(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                session = Headers(raw=message["headers"]).get("mcp-session-id")
+                if session is not None:
+                    sessions.add(session)
+            await send(message)
+
+        return noting
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.limits.max_request_bytes

@@ -8,8 +8,9 @@ one is swapped in at once (`Gateway.reconfigure`, no await in between), so the n
 session sees it: a removed agent gets the 401, a removed tool is unknown. Connectors whose definition or
 resolved credentials changed are restarted, removed ones are closed, new ones start on first use, the others
 keep their warm sessions. New secrets join the redactor, which keeps the old ones (an upstream started
-before may still echo them). Settings bound when the process started (RESTART_SETTINGS: listen address,
-state directory, limits, fast path) need a restart: a change to them is logged and the running values kept.
+before may still echo them). Of gateway.yaml's settings only the secret sources apply live (LIVE_SETTINGS);
+the others (listen address, state directory, limits, fast path...) are bound when the process starts: a change
+to them is logged and reported as needing a restart, and the running values are kept.
 
 Every reload is audited before it takes effect: method `config.reload`, decision allow (applied, or nothing
 changed) or deny (rejected), and a reason naming the trigger and the outcome.
@@ -25,7 +26,7 @@ import hashlib
 import logging
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +42,7 @@ from gateway.secrets import SecretResolver
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
-RESTART_SETTINGS = ("listen", "state_dir", "limits", "fast_path")
+LIVE_SETTINGS = ("secrets",)
 MAX_AUDITED_REASON = 500
 
 Snapshot = tuple[tuple[str, int, int, int], ...]
@@ -161,18 +162,7 @@ class ConfigReloader:
         if problems:
             return _rejected("secret references cannot be resolved", [str(problem) for problem in problems])
         running = self._gateway.config
-        deferred = [
-            name for name in RESTART_SETTINGS if getattr(config.settings, name) != getattr(self._file_settings, name)
-        ]
-        self._file_settings = config.settings
-        for name in deferred:
-            logger.warning(
-                "gateway.yaml: %s changed; it applies when the gateway restarts (running with %s)",
-                name,
-                getattr(running.settings, name),
-            )
-        # Settings bound at start-up stay as they run; only the secret sources apply live.
-        config = replace(config, settings=replace(running.settings, secrets=config.settings.secrets))
+        config, deferred = self._live_settings_only(config, running)
         credentials = await anyio.to_thread.run_sync(credential_digests, config, resolver)
         restart = {
             name
@@ -186,6 +176,24 @@ class ConfigReloader:
             return ReloadOutcome("unchanged", "no change" + notes)
         return _Plan(config, resolver, secrets, credentials, restart, "applied: " + changes + notes)
 
+    def _live_settings_only(self, config: Config, running: Config) -> tuple[Config, list[str]]:
+        """`config` with the running values of the settings bound at start-up, and those its files changed."""
+        deferred = [
+            setting.name
+            for setting in fields(config.settings)
+            if setting.name not in LIVE_SETTINGS
+            and getattr(config.settings, setting.name) != getattr(self._file_settings, setting.name)
+        ]
+        for name in deferred:
+            logger.warning(
+                "gateway.yaml: %s changed; it applies when the gateway restarts (running with %s)",
+                name,
+                getattr(running.settings, name),
+            )
+        live = {name: getattr(config.settings, name) for name in LIVE_SETTINGS}
+        self._file_settings = config.settings
+        return replace(config, settings=replace(running.settings, **live)), deferred
+
     async def _apply(self, trigger: str, plan: _Plan) -> ReloadOutcome:
         outcome = ReloadOutcome("applied", plan.summary)
         with anyio.CancelScope(shield=True):  # audited and applied, or neither
@@ -196,7 +204,10 @@ class ConfigReloader:
             self._directory.reconfigure(plan.config)
             self._audit.config = plan.config
             self._credentials = plan.credentials
-        await self._gateway.announce(changed)
+        try:
+            await self._gateway.announce(changed)
+        except Exception:  # applied all the same: agents see the change on their next listing
+            logger.exception("could not tell the agents of %s that their lists changed", ", ".join(changed))
         return outcome
 
     async def _record(self, trigger: str, outcome: ReloadOutcome) -> bool:

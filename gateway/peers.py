@@ -154,3 +154,16 @@ AGENTS_SOCKET_FILE = "agents.sock"
 def agents_socket(state_dir: Path) -> Path:
     """Where the gateway listens for local agents (the stdio wrapper): beside its state."""
     return state_dir / AGENTS_SOCKET_FILE
+
+
+def summary(process: dict[str, Any] | None) -> str | None:
+    """The recorded process in a few words: `PID NAME (USER)`, `via connect PID` when it came through the wrapper;
+    a claim alone (no peer credentials, e.g. over TCP) reads `claims pid PID`."""
+    if not process:
+        return None
+    if "pid" not in process:
+        claim = process.get("claim")
+        return f"claims pid {claim.get('pid')}" if isinstance(claim, dict) else "unverified"
+    name = Path(process.get("exe") or (process.get("cmdline") or ["?"])[0]).name
+    text = f"{process['pid']} {name} ({process.get('user') or process.get('uid')})"
+    return text + (f" via connect {process['via']['pid']}" if isinstance(process.get("via"), dict) else "")

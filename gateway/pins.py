@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS tool_pins (
     connector          TEXT NOT NULL,
     tool               TEXT NOT NULL,   -- the upstream's name
     hash               TEXT NOT NULL,   -- sha256 of the canonical JSON of the trusted definition
-    definition         TEXT NOT NULL,   -- that canonical JSON
+    definition         TEXT NOT NULL,   -- that canonical JSON, brokered secrets redacted (for review)
     flags              TEXT NOT NULL,   -- JSON list of the MARKERS found in it
     pinned_at          REAL NOT NULL,
     pinned_by          TEXT NOT NULL,   -- 'first use', or the OS user who approved the definition
@@ -97,18 +97,20 @@ _COLUMNS = (
 
 @dataclass(frozen=True)
 class Definition:
-    """A tool definition as pinned: its canonical JSON, hash and injection markers."""
+    """A tool definition as pinned: the hash of its canonical JSON, that JSON as shown (redacted), its markers."""
 
     tool: str
-    canonical: str
+    shown: str
     hash: str
     flags: tuple[str, ...]
 
     @classmethod
-    def of(cls, tool: types.Tool) -> Definition:
+    def of(cls, tool: types.Tool, redact: Callable[[str], str] = str) -> Definition:
+        """`redact` scrubs the stored copy: an upstream may put its credential in a description (the hash is of
+        the definition as served)."""
         data = tool.model_dump(by_alias=True, exclude_none=True, mode="json")
         canonical = canonical_json({name: data[name] for name in PINNED_FIELDS if name in data})
-        return cls(tool.name, canonical, hashlib.sha256(canonical.encode()).hexdigest(), markers(data))
+        return cls(tool.name, redact(canonical), hashlib.sha256(canonical.encode()).hexdigest(), markers(data))
 
 
 def markers(definition: Any) -> tuple[str, ...]:
@@ -171,7 +173,7 @@ class PinStore:
 
     async def pin(self, connector: str, definition: Definition, by: str) -> Pin:
         """Trust `definition` (first use, or an operator's approval): it replaces the pin and any pending change."""
-        pin = Pin(connector, definition.tool, definition.hash, definition.canonical, definition.flags, time.time(), by)
+        pin = Pin(connector, definition.tool, definition.hash, definition.shown, definition.flags, time.time(), by)
         await self._db.execute(
             "INSERT OR REPLACE INTO tool_pins (connector, tool, hash, definition, flags, pinned_at, pinned_by) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -188,7 +190,7 @@ class PinStore:
             changed = replace(
                 pin,
                 changed_hash=definition.hash,
-                changed_definition=definition.canonical,
+                changed_definition=definition.shown,
                 changed_flags=definition.flags,
                 changed_at=time.time(),
             )
@@ -212,11 +214,12 @@ class ToolPins:
     """The gateway's pins, in memory, written through to the state database.
 
     With `audit` None it only inspects (the `enclave reach` command): a new tool passes (the gateway would pin
-    it), a changed one is withheld, and nothing is written.
+    it), a changed one is withheld, and nothing is written. `redact` scrubs the definitions it stores.
     """
 
-    def __init__(self, audit: AuditLog | None):
+    def __init__(self, audit: AuditLog | None, redact: Callable[[str], str] = str):
         self._audit = audit
+        self._redact = redact
         self._store: PinStore | None = None
         self._pins: dict[tuple[str, str], Pin] = {}
         self._withheld: set[tuple[str, str]] = set()
@@ -247,7 +250,7 @@ class ToolPins:
         async with self._lock:
             kept = []
             for tool in tools:
-                definition = Definition.of(tool)
+                definition = Definition.of(tool, self._redact)
                 key = (connector, tool.name)
                 pin = self._pins.get(key)
                 if pin is None and self._audit is not None:

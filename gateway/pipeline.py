@@ -11,6 +11,7 @@ passing the same authorize step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import uuid
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 ResultT = TypeVar("ResultT", bound=BaseModel)
 IDENTITY_META_PREFIX = "io.modelcontextprotocol/"
 MAX_INPUT_ROUNDS = 10
+CHAMBER_AUTHORIZATION = "chamber.authorize"  # the audit row written before a chamber call is forwarded
 # A parsed `_meta` (mcp_types.RequestParamsMeta) names the progress token `progress_token`; the wire, `progressToken`.
 PROGRESS_TOKEN_KEYS = ("progress_token", "progressToken")
 
@@ -144,6 +146,12 @@ class Gateway:
             except Exception:
                 raise self._internal_error(call, "could not record the request") from None
 
+    async def _audit_authorization(self, call: Invocation) -> None:
+        """A call into a chamber is audited before it is forwarded (method `chamber.authorize`), as well as when it
+        ends: if that row cannot be written the call is refused without reaching the upstream (fail closed)."""
+        if call.chamber is not None:
+            await self.recorder.record(dataclasses.replace(call, method=CHAMBER_AUTHORIZATION))
+
     def _internal_error(self, call: Invocation, what: str) -> MCPError:
         """Log what went wrong (with its traceback); the agent gets a correlation id and no detail."""
         correlation_id = uuid.uuid4().hex[:12]
@@ -214,6 +222,7 @@ class Gateway:
             clearance = await self.chambers.check(ctx, call, params)
             if clearance.question is not None:
                 return clearance.question
+            await self._audit_authorization(call)
             upstream = self.pool[tool.connector]
             progress = self._progress_relay(ctx)
 
@@ -289,6 +298,7 @@ class Gateway:
             clearance = await self.chambers.check(ctx, call, params)
             if clearance.question is not None:
                 return clearance.question
+            await self._audit_authorization(call)
             upstream = self.pool[connector]
 
             async def send(responses: Any, state: str | None) -> Any:
@@ -556,7 +566,7 @@ class Gateway:
                 return result
             answers = {
                 key: await ctx.session.send_request(
-                    request,
+                    self._redacted(request),  # what the upstream asks may quote its credential, as a result may
                     _INPUT_RESULT_TYPES[request.method],
                     metadata=ServerMessageMetadata(related_request_id=ctx.request_id),
                 )
@@ -566,6 +576,10 @@ class Gateway:
         if isinstance(result, types.InputRequiredResult):
             raise MCPError(INVALID_REQUEST, f"Upstream asked for input more than {MAX_INPUT_ROUNDS} times; gave up")
         return result
+
+    def _redacted(self, model: ResultT) -> ResultT:
+        data = self.redactor.value(model.model_dump(by_alias=True, exclude_none=True, mode="json"))
+        return type(model).model_validate(data, by_name=False)
 
     def check_input_capabilities(self, declared: Any, requests: dict[str, Any]) -> None:
         """Only ask an agent for what it declared it can answer (`declared`: a model or the raw envelope)."""

@@ -2,7 +2,8 @@
 
 An upstream may echo its environment or its request headers, raw or encoded. For each secret we match
 the raw value, its JSON-escaped form, lower/upper hex, URL encodings, and base64 (standard and URL-safe)
-at all three byte alignments, so a secret embedded inside a longer base64 blob is caught as well.
+at all three byte alignments, so a secret embedded inside a longer base64 blob is caught as well; binary
+resource contents (`blob`) are scrubbed in the bytes they decode to, and still decode.
 Anything shaped like an agent token (`encl_` + 43 characters) is scrubbed too: the gateway never holds the
 tokens themselves, only their hashes, and no token should ever be logged or leave it in a reply.
 """
@@ -74,7 +75,21 @@ class Redactor:
         if isinstance(obj, str):
             return self.text(obj)
         if isinstance(obj, dict):
-            return {self.text(k) if isinstance(k, str) else k: self.value(v) for k, v in obj.items()}
+            return {
+                self.text(k) if isinstance(k, str) else k: self._blob(v) if k == "blob" else self.value(v)
+                for k, v in obj.items()
+            }
         if isinstance(obj, list | tuple):
             return [self.value(item) for item in obj]
         return obj
+
+    def _blob(self, blob: Any) -> Any:
+        """Binary resource contents (base64): scrubbed in the bytes they decode to, so that they still decode."""
+        if not isinstance(blob, str):
+            return self.value(blob)
+        try:
+            data = base64.b64decode(blob, validate=True).decode("latin-1")  # latin-1: every byte, one character
+        except ValueError:
+            return self.text(blob)
+        cleaned = self.text(data)
+        return blob if cleaned == data else base64.b64encode(cleaned.encode("latin-1")).decode("ascii")

@@ -15,7 +15,7 @@ import uvicorn
 
 from gateway.audit import AuditLog
 from gateway.auth import AgentDirectory
-from gateway.config import Config
+from gateway.config import MCP_PATH, Config, base_url
 from gateway.invocation import DecisionLog, Recorders
 from gateway.lifecycle import ConfigReloader
 from gateway.limits import TokenBucket
@@ -24,7 +24,7 @@ from gateway.pins import ToolPins
 from gateway.pipeline import Gateway
 from gateway.redact import Redactor
 from gateway.secrets import SecretResolver
-from gateway.server import MCP_PATH, base_url, build_app
+from gateway.server import build_app
 from gateway.telemetry import Telemetry
 from gateway.tokens import load_or_create_key
 
@@ -105,7 +105,7 @@ class _Server(uvicorn.Server):
         process behind it (gateway.peers). Mode 0666: like the loopback TCP port, which every local user can
         reach, the socket is open and every request must carry a valid agent token; it adds attribution, not
         access. (It sits in the 0700 state directory, so only the gateway's own user reaches it unless an
-        operator opens that directory.)"""
+        operator opens that directory.) Without it the gateway still serves HTTP."""
         path.unlink(missing_ok=True)
         protocol = partial(
             PeerCredentialsProtocol,
@@ -114,7 +114,12 @@ class _Server(uvicorn.Server):
             app_state=self.lifespan.state,
             scrub=self.scrub,
         )
-        server = await asyncio.get_running_loop().create_unix_server(protocol, str(path), backlog=self.config.backlog)
+        try:
+            loop = asyncio.get_running_loop()
+            server = await loop.create_unix_server(protocol, str(path), backlog=self.config.backlog)
+        except (OSError, NotImplementedError) as exc:  # e.g. a path longer than a Unix socket allows, or Windows
+            logger.warning("not listening for local agents on unix:%s (%s); `enclave connect` needs --url", path, exc)
+            return
         path.chmod(0o666)
         self.servers.append(server)  # closed by uvicorn's shutdown with the TCP listener
         logger.info("local agents connect on unix:%s", path)
@@ -141,7 +146,7 @@ def serve(config: Config, resolver: SecretResolver, secrets: list[str], listen: 
     recorder = Recorders(
         DecisionLog(logging.getLogger("gateway.decisions")), audit, *([telemetry] if telemetry is not None else [])
     )
-    gateway = Gateway(config, resolver, redactor, recorder, ToolPins(audit))
+    gateway = Gateway(config, resolver, redactor, recorder, ToolPins(audit, redactor.text))
     app = build_app(config, gateway, directory, audit, ConfigReloader(gateway, directory, audit, loaded, resolver))
     settings = config.settings.listen
     server = _Server(

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp
 from gateway import __version__, control
 from gateway.audit import AuditedEndpoint, AuditLog
 from gateway.auth import AgentDirectory, BearerBackend
-from gateway.config import Config, ListenSettings
+from gateway.config import MCP_PATH, Config, ListenSettings, base_url
 from gateway.fastpath import FastPath
 from gateway.guard import AgentGuard
 from gateway.lifecycle import ConfigReloader
@@ -41,7 +41,6 @@ from gateway.state import StateStore
 
 logger = logging.getLogger(__name__)
 
-MCP_PATH = "/mcp"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 INSTRUCTIONS = (
     "This is an enclave gateway. You see only the tools, resources and prompts of your enclave; "
@@ -89,13 +88,6 @@ def _mcp_server(gateway: Gateway) -> GatewayServer:
         on_unsubscribe_resource=gateway.unsubscribe_resource,
         on_set_logging_level=gateway.set_logging_level,
     )
-
-
-def base_url(listen: ListenSettings) -> str:
-    if listen.public_url:
-        return listen.public_url
-    host = f"[{listen.host}]" if ":" in listen.host else listen.host
-    return f"http://{host}:{listen.port}"
 
 
 def transport_security(listen: ListenSettings) -> TransportSecuritySettings:
@@ -186,4 +178,5 @@ def build_app(
         lifespan=lifespan,
     )
     paths = FastPath(app, gateway, backend, security, MCP_PATH, server.server_info_stamp) if settings.fast_path else app
-    return AgentGuard(paths, gateway, backend, settings.limits, MCP_PATH)
+    # The SDK's registry of open handshake-era sessions (a private member, pinned by mcp==2.3.*).
+    return AgentGuard(paths, gateway, backend, settings.limits, MCP_PATH, sessions._server_instances)

@@ -33,6 +33,7 @@ from gateway import errors, telemetry
 from gateway.config import Connector, StdioTarget
 from gateway.redact import Redactor
 from gateway.secrets import SecretResolver
+from gateway.upstream_http import IDENTITY, BoundedJsonTransport
 from gateway.upstream_stdio import bounded_stdio_client
 
 logger = logging.getLogger(__name__)
@@ -189,9 +190,9 @@ class Upstream:
                 yield client
         else:
             headers = {name: self._resolver.expand(value) for name, value in target.headers.items()}
-            http = httpx2.AsyncClient(headers=headers)
-            # An event of a streamed (SSE) reply is bounded as it arrives; a plain JSON reply is checked once read.
             limit = self.connector.max_result_bytes
+            # A plain JSON reply is bounded by the transport, each event of a streamed (SSE) one by the SDK.
+            http = httpx2.AsyncClient(headers=IDENTITY | headers, transport=BoundedJsonTransport(self.name, limit))
             transport = streamable_http_client(target.url, http_client=http, max_sse_event_size=limit)
             async with http, self._client_for(transport) as client:
                 yield client

@@ -1,6 +1,7 @@
-"""`enclave connect`, the stdio wrapper: both protocol eras through it, the agent process it stands for recorded
-by the gateway from kernel peer credentials (audit rows and `enclave agents`), claims kept apart, gateway restarts,
-and the MCP Inspector CLI (a client nobody here wrote) through it unchanged.
+"""`enclave connect`, the stdio wrapper: both protocol eras through it (calls, the gateway asking the client,
+cancellation), the agent process it stands for recorded by the gateway from kernel peer credentials (audit rows and
+`enclave agents`), claims kept apart, gateway restarts, and the MCP Inspector CLI (a client nobody here wrote)
+through it unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import mcp.types as types
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
@@ -34,6 +36,9 @@ from tests.harness import (
 )
 
 pytestmark = pytest.mark.anyio
+
+WEATHER_TOOLS = ["forecast", "whoami"]
+DESIGN_TOOLS = ["slow_count", "confirm_delete"]
 
 # The "agent application": a separate process that launches the wrapper the way a client does (its MCP server
 # command, token in the environment) and calls a tool with the official client. It reports who it is.
@@ -66,7 +71,7 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ConfigDir,
         .secret("weather-key", key)
         .connector("weather", python_server(EXAMPLES / "weather_api.py", WEATHER_API_KEY="${secret:weather-key}"))
         .connector("design", design)
-        .enclave("local", ["app"], {"weather": {"tools": ["forecast", "whoami"]}, "design": {"tools": ["slow_count"]}})
+        .enclave("local", ["app"], {"weather": {"tools": WEATHER_TOOLS}, "design": {"tools": DESIGN_TOOLS}})
     )
     token = config.mint("app", "local")
     with running(config) as gateway:
@@ -113,7 +118,26 @@ async def test_audit_and_agents_name_the_agent_process(local: tuple[Any, ...], m
     sessions = json.loads(config.cli("agents", "--json", "--all").stdout)
     mine = [s for s in sessions if s["process"] and s["process"].get("pid") == reported["pid"]]
     assert mine and mine[0]["agent"] == "app" and mine[0]["process"]["exe"] == reported["exe"]
+    table = config.cli("agents", "--all").stdout
+    assert f"{reported['pid']} {Path(reported['exe']).name} (" in table and "via connect" in table
     assert token not in json.dumps(sessions) + json.dumps(calls) + gateway.stderr()
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_the_gateway_can_ask_the_client(local: tuple[Any, ...], mode: str) -> None:
+    """Elicitation through the wrapper: pushed on the call's SSE stream and answered by a POST (handshake era), or an
+    input_required result the client retries with its answer (2026-07-28)."""
+    config, _, token, _ = local
+    asked: list[str] = []
+
+    async def answer(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"confirm": True})
+
+    async with Client(wrapper(config, token), mode=mode, cache=None, elicitation_callback=answer) as client:
+        result = await client.call_tool("confirm_delete", {"part_id": "P-100"})
+    assert result.content[0].text == "P-100: confirmed"
+    assert asked == ["Really delete part P-100 (Hex bolt M8x40)?"]
 
 
 @pytest.mark.parametrize("mode", ERAS)
@@ -280,7 +304,12 @@ def test_inspector_cli_through_the_wrapper(
     ]  # fmt: skip
     code, listed = nodetools.inspector_json([*command, "--method", "tools/list"])
     assert code == 0, listed
-    assert {tool["name"] for tool in listed["result"]["tools"]} == {"forecast", "whoami", "slow_count"}
+    assert {tool["name"] for tool in listed["result"]["tools"]} == {
+        "forecast",
+        "whoami",
+        "slow_count",
+        "confirm_delete",
+    }
     code, called = nodetools.inspector_json(
         [*command, "--method", "tools/call", "--tool-name", "forecast", "--tool-arg", "city=Oslo"]
     )

@@ -141,11 +141,11 @@ async def test_a_hanging_upstream_times_out_and_others_keep_working(
 # -- streamable HTTP upstreams -----------------------------------------------------------------------
 
 
-def serve_http(script: Path, log: UpstreamLog) -> tuple[subprocess.Popen[bytes], str]:
+def serve_http(script: Path, log: UpstreamLog, **env: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(script), "--http", str(port)],
-        env={"PATH": "/usr/bin:/bin", "UPSTREAM_LOG": str(log.path)},
+        env={"PATH": "/usr/bin:/bin", "UPSTREAM_LOG": str(log.path), **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -37,7 +37,7 @@ from gateway.clients import (
     stdio_entry,
     write_token_file,
 )
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import MCP_PATH, Config, ConfigError, base_url, load_config
 
 DISCOVER_COLUMNS = ["client", "server", "transport", "target", "inline_secrets"]
 
@@ -46,8 +46,6 @@ def gateway_url(config: Config, args: argparse.Namespace | None = None) -> str:
     """The gateway's MCP URL: --url, else what gateway.yaml says (listen, public_url)."""
     if args is not None and args.url:
         return str(args.url)
-    from gateway.server import MCP_PATH, base_url  # the server stack, only when a URL is needed
-
     return base_url(config.settings.listen) + MCP_PATH
 
 
@@ -173,16 +171,17 @@ def cmd_discover(args: argparse.Namespace) -> int:
     with suppress(ConfigError):  # no gateway configured here: every server found bypasses one
         urls.add(gateway_url(load_config(args.config)))
     found = discover(home_of(args), urls, processes=not args.no_processes)
-    bypassing = [entry.row() for entry in found if not entry.via_gateway]
+    # What bypasses the gateway, and gateway entries that hold an inline secret (a token written into a file).
+    shown = [entry.row() for entry in found if not entry.via_gateway or entry.secrets]
     if args.json:
-        emit(bypassing, DISCOVER_COLUMNS, as_json=True)
+        emit(shown, DISCOVER_COLUMNS, as_json=True)
     else:
-        table = [{**row, "inline_secrets": ", ".join(row["inline_secrets"]) or "-"} for row in bypassing]
+        table = [{**row, "inline_secrets": ", ".join(row["inline_secrets"]) or "-"} for row in shown]
         emit(table, DISCOVER_COLUMNS, as_json=False)
-    routed = len(found) - len(bypassing)
+    routed = sum(entry.via_gateway for entry in found)
     print(
-        f"{len(bypassing)} MCP server(s) bypass the gateway"
-        + (f"; {routed} already go through it" if routed else "")
+        f"{len(found) - routed} MCP server(s) bypass the gateway"
+        + (f"; {routed} go through it" if routed else "")
         + ". Inline secrets are named, never shown. `enclave adopt CLIENT` routes a client's servers through it.",
         file=sys.stderr,
     )

@@ -88,11 +88,13 @@ def cmd_agents(args: argparse.Namespace) -> int:
     if args.json:
         emit(rows, SESSION_COLUMNS, as_json=True)
         return 0
+    from gateway.peers import summary  # (the attribution module brings uvicorn; only this table needs it)
+
     columns = [*SESSION_COLUMNS, "status"] if args.all else SESSION_COLUMNS
     table = [
         {
             **{k: cell(v) for k, v in row.items()},
-            "process": cell(json.dumps(row["process"]) if row["process"] else None),
+            "process": cell(summary(row["process"])),
         }
         for row in rows
     ]

@@ -1,0 +1,171 @@
+"""Transport: DNS rebinding, Host values that could move the path (BadHost), path variants of the endpoint, and
+the request body limit, the same on both request paths (threat-principles 1.1: Docker MCP Gateway, Starlette
+CVE-2026-48710, ContextForge PR #3812; 1.2: the SDKs' DNS-rebinding CVEs).
+
+Proven elsewhere, not repeated: a foreign Origin gets 403 and a foreign Host 421, with a valid token, in both eras
+(tests/test_auth.py::test_dns_rebinding_checks).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+import starlette
+
+from tests.harness import http, raw_post
+from tests.security.conftest import audit
+from tests.security.invariants import Deployment, assert_e401, assert_invariants, rpc
+
+MODERN = "2026-07-28"
+ENVELOPE = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientCapabilities": {},
+    "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
+}
+
+
+def modern_call(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A 2026-era tools/call the fast path would serve (echo is in a1's listed view)."""
+    return {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": arguments, "_meta": ENVELOPE},
+    }
+
+
+MODERN_HEADERS = {"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "echo"}
+
+
+def test_starlette_is_past_badhost() -> None:
+    """CVE-2026-48710 is fixed in Starlette 1.0.1 (pyproject.toml requires it)."""
+    version = tuple(int(part) for part in starlette.__version__.split(".")[:3])
+    assert version >= (1, 0, 1)
+
+
+def raw_http(world: Deployment, request: bytes) -> bytes:
+    """Bytes on the wire, for requests an HTTP client would refuse to build."""
+    port = int(world.url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1:{port}/other", "127.0.0.1:{port}?x=1", "127.0.0.1:{port}#frag", "evil.example@127.0.0.1:{port}"],
+)
+def test_a_host_that_could_move_the_path_is_refused(world: Deployment, host: str) -> None:
+    """BadHost: `/`, `?`, `#` or `@` in Host never reach the endpoint, with or without a token (the SDK's own
+    allowlist would admit them: `127.0.0.1:*` matches any suffix)."""
+    port = world.url.split(":")[2].split("/")[0]
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}).encode()
+    replies = []
+    for token in (None, world.tokens["a1"]):
+        request = (
+            f"POST /mcp HTTP/1.1\r\nHost: {host.format(port=port)}\r\nContent-Type: application/json\r\n"
+            "Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\n"
+            + (f"Authorization: Bearer {token}\r\n" if token else "")
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
+        reply = raw_http(world, request)
+        status = int(reply.split(b" ", 2)[1])
+        assert status == 400, reply[:200]
+        assert reply.endswith(b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Host header"}}')
+        replies.append(reply.decode("latin-1"))
+    assert_invariants(world, *replies)
+
+
+@pytest.mark.parametrize("path", ["/mcp/", "/MCP", "//mcp", "/mcp/../mcp", "/mcp;x=1", "/mcp%2F", "/x/../mcp"])
+def test_no_path_variant_serves_without_a_token(world: Deployment, path: str) -> None:
+    """ContextForge's bypass: the auth gate and the router disagreeing about a path. Here a variant is either the
+    endpoint itself (the one 401) or nothing at all."""
+    port = world.url.split(":")[2].split("/")[0]
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}).encode()
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        "Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    reply = raw_http(world, request)
+    status = int(reply.split(b" ", 2)[1])
+    assert status in (307, 400, 401, 404, 405), reply[:300]
+    assert b'"result"' not in reply and b"mcp-session-id" not in reply.lower()
+    assert_invariants(world, reply.decode("latin-1"))
+
+
+def test_forwarded_host_headers_are_not_trusted(world: Deployment) -> None:
+    """X-Forwarded-Host/Proto never stand in for Host in the rebinding check (no proxy is configured)."""
+    token = world.tokens["a1"]
+    reply = raw_post(
+        world.url,
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}},
+        token,
+        Host="evil.example",
+        **{"X-Forwarded-Host": world.url.split("/")[2], "X-Forwarded-Proto": "http"},
+    )
+    assert reply.status_code == 421
+    assert_invariants(world, reply)
+
+
+def oversized(world: Deployment, size: int, mode: str, token: str | None) -> Any:
+    filler = "x" * size
+    if mode == "legacy":
+        body = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "echo", "arguments": {}}}
+        body["params"]["arguments"] = {"text": filler}
+        return raw_post(world.url, body, token)
+    return raw_post(world.url, modern_call({"text": filler}), token, **MODERN_HEADERS)
+
+
+def test_a_body_over_the_limit_is_413_on_both_paths(world: Deployment) -> None:
+    """Over limits.max_request_bytes (4 MiB by default): the same clear 413 for the handshake era (SDK path) and a
+    2026-07-28 tools/call (the fast path's request), audited, and nothing reaches the upstream."""
+    mark = max([row["id"] for row in audit(world)], default=0)
+    before = world.logs["evil"].count()
+    replies = [oversized(world, 5 * 1024 * 1024, mode, world.tokens["a1"]) for mode in ("legacy", "modern")]
+    for reply in replies:
+        assert reply.status_code == 413
+        error = rpc(reply)["error"]
+        assert error["code"] == -32600
+        assert error["message"] == "Request body too large: the limit is 4194304 bytes (limits.max_request_bytes)"
+    assert replies[0].content == replies[1].content
+    rows = audit(world, "id > ? AND reason = 'request_too_large'", (mark,))
+    assert [(row["agent"], row["decision"]) for row in rows] == [("a1", "deny"), ("a1", "deny")]
+    assert world.logs["evil"].count() == before
+    assert_invariants(world, *replies)
+
+
+def test_a_chunked_body_over_the_limit_is_413(world: Deployment) -> None:
+    """Without a Content-Length the guard counts what arrives and stops reading at the limit."""
+    chunk = b"x" * (1024 * 1024)
+
+    def body() -> Any:
+        yield b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"'
+        for _ in range(6):
+            yield chunk
+        yield b'"}}}'
+
+    headers = {
+        "Authorization": f"Bearer {world.tokens['a1']}",
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+    reply = http().post(world.url, content=body(), headers=headers)
+    assert reply.status_code == 413
+    assert_invariants(world, reply)
+
+
+def test_a_stranger_with_a_large_body_gets_the_one_401(world: Deployment) -> None:
+    """Nothing about the body is looked at before the token: the one 401, as for an empty request."""
+    replies = [oversized(world, 5 * 1024 * 1024, mode, token) for mode in ("legacy", "modern") for token in (None,)]
+    reference = raw_post(world.url, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, None)
+    for reply in replies:
+        assert_e401(reply, reference)
+    assert_invariants(world, *replies)
