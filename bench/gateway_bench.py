@@ -1,6 +1,7 @@
 """Gateway cost against direct calls, measured in one run and interleaved.
 
-    .venv/bin/python bench/gateway_bench.py [--calls 400] [--era 2026-07-28|2025-11-25] [--json out.json]
+    .venv/bin/python bench/gateway_bench.py [--calls 400] [--era 2026-07-28|2025-11-25]
+        [--durability full|normal] [--json out.json]
 
 The same upstream (tests/servers/evil.py, tool `echo`) is called directly over streamable HTTP, directly
 over stdio (the official client), and through `enclave serve` (stdio upstream behind it; authentication,
@@ -143,10 +144,10 @@ def direct_http_upstream(env: dict[str, str]) -> Iterator[tuple[str, int]]:
 
 
 @contextmanager
-def gateway(root: Path, env: dict[str, str], fast_path: bool = True) -> Iterator[tuple[GatewayProcess, str]]:
+def gateway(root: Path, env: dict[str, str], durability: str) -> Iterator[tuple[GatewayProcess, str]]:
     config = (
         ConfigDir(root)
-        .gateway(fast_path=fast_path, limits=UNLIMITED)
+        .gateway(audit_durability=durability, limits=UNLIMITED)
         .connector("evil", python_server(EVIL, **env))
         .enclave("bench", ["bench"], {"evil": {"tools": ["echo", "giant"]}})
     )
@@ -260,10 +261,10 @@ async def sessions_rss(url: str, token: str, pid: int, count: int) -> float:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     env = {"EVIL_GIANT": str(100 * 1024)}
-    report: dict[str, Any] = {"era": args.era, "calls": args.calls}
+    report: dict[str, Any] = {"era": args.era, "calls": args.calls, "audit_durability": args.durability}
     with tempfile.TemporaryDirectory() as tmp, direct_http_upstream(env) as (direct_url, _):
         report["cold_start_s"] = await cold_start(Path(tmp) / "cold", env)
-        with gateway(Path(tmp) / "gw", env) as (process, token):
+        with gateway(Path(tmp) / "gw", env, args.durability) as (process, token):
             pid = process.process.pid
             report["rss_idle_mb"] = rss_mb(pid)
             async with httpx2.AsyncClient(timeout=60) as http:
@@ -294,7 +295,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def ratios(report: dict[str, Any]) -> list[str]:
     lat, big = report["latency_ms"], report["latency_100kb_ms"]
     lines = [
-        f"era {report['era']}, {report['calls']} calls per route, interleaved",
+        f"era {report['era']}, audit_durability {report['audit_durability']}, {report['calls']} calls per route",
         "sequential tools/call latency (ms)      direct   gateway   gateway-direct   ratio",
     ]
     for q in ("p50", "p95", "p99"):
@@ -320,6 +321,7 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each throughput run")
     parser.add_argument("--era", choices=(MODERN, LEGACY), default=MODERN)
+    parser.add_argument("--durability", choices=("full", "normal"), default="full", help="gateway audit_durability")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     arguments = parser.parse_args()
     result = anyio.run(main, arguments)

@@ -40,7 +40,7 @@ from gateway.audit_store import (
 )
 from gateway.auth import AUTH_FAILURE_KEY, AuthenticatedAgent, AuthFailure
 from gateway.config import Config
-from gateway.invocation import Invocation
+from gateway.invocation import CHAMBER_AUTHORIZATION, Invocation
 from gateway.redact import Redactor
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ class AuditLog:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Open the log; on exit, everything queued is still written before the connection closes."""
-        store = await anyio.to_thread.run_sync(AuditStore.open, self.config.settings.state_dir)
+        settings = self.config.settings
+        store = await anyio.to_thread.run_sync(AuditStore.open, settings.state_dir, settings.audit_durability)
         try:
             await anyio.to_thread.run_sync(store.end_sessions, time.time())
             send, receive = anyio.create_memory_object_stream[_Entry](math.inf)
@@ -183,7 +184,7 @@ class AuditLog:
 def _touch(call: Invocation, row: dict[str, Any]) -> SessionTouch | None:
     """The session a call belongs to: its handshake-era session or, stateless, its agent, client and (verified)
     local process."""
-    if call.agent is None:
+    if call.agent is None or call.method == CHAMBER_AUTHORIZATION:  # that call is counted by its own row
         return None
     if call.session_id and call.protocol_version not in MODERN_PROTOCOL_VERSIONS:
         session = call.session_id

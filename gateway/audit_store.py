@@ -221,11 +221,12 @@ class AuditStore:
         self.db = db
 
     @classmethod
-    def open(cls, state_dir: Path) -> AuditStore:
+    def open(cls, state_dir: Path, durability: str = "full") -> AuditStore:
         path = ensure_state_dir(state_dir) / DB_FILE
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # transactions are explicit
         for pragma in PRAGMAS:
             db.execute(pragma)
+        db.execute(f"PRAGMA synchronous={'NORMAL' if durability == 'normal' else 'FULL'}")
         path.chmod(0o600)
         db.executescript(SCHEMA)
         return cls(db)

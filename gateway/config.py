@@ -100,6 +100,7 @@ class Settings:
     secrets: SecretSettings
     limits: Limits
     fast_path: bool = True
+    audit_durability: str = "full"
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,7 @@ def _settings(root: Path, data: dict[str, Any]) -> Settings:
         ),
         limits=Limits(**limits),  # the schema admits only Limits' fields
         fast_path=data.get("fast_path", True),
+        audit_durability=data.get("audit_durability", "full"),
     )
 
 

@@ -19,6 +19,8 @@ from gateway.auth import Agent
 
 Decision = Literal["allow", "deny", "error"]
 Outcome = Literal["ok", "tool_error", "protocol_error"]
+# The method of the audit row written before a chamber call is forwarded (not a request of its own).
+CHAMBER_AUTHORIZATION = "chamber.authorize"
 
 
 class Denied(MCPError):

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ import mcp_types as types
 from mcp import MCPError
 from mcp.server import ServerRequestContext
 from mcp.server.session import ServerSession
+from mcp.server.streamable_http_manager import DEFAULT_SESSION_IDLE_TIMEOUT
 from mcp.server.subscriptions import (
     InMemorySubscriptionBus,
     ListenHandler,
@@ -41,7 +43,7 @@ from gateway import errors, telemetry
 from gateway.auth import Agent, AuthenticatedAgent, current_agent
 from gateway.chambers import Chambers
 from gateway.config import Config, Connector
-from gateway.invocation import Denied, Invocation, Recorder
+from gateway.invocation import CHAMBER_AUTHORIZATION, Denied, Invocation, Recorder
 from gateway.peers import process_of
 from gateway.pins import ToolPins
 from gateway.redact import Redactor
@@ -54,7 +56,6 @@ logger = logging.getLogger(__name__)
 ResultT = TypeVar("ResultT", bound=BaseModel)
 IDENTITY_META_PREFIX = "io.modelcontextprotocol/"
 MAX_INPUT_ROUNDS = 10
-CHAMBER_AUTHORIZATION = "chamber.authorize"  # the audit row written before a chamber call is forwarded
 # A parsed `_meta` (mcp_types.RequestParamsMeta) names the progress token `progress_token`; the wire, `progressToken`.
 PROGRESS_TOKEN_KEYS = ("progress_token", "progressToken")
 
@@ -106,6 +107,7 @@ class Gateway:
         self._buses = {name: InMemorySubscriptionBus() for name in config.enclaves}
         self._listeners = {name: ListenHandler(bus) for name, bus in self._buses.items()}
         self._legacy_sessions: dict[str, tuple[Agent, ServerSession]] = {}
+        self._session_seen: dict[str, float] = {}  # session id -> when it last made a request (monotonic)
         self._log_levels: dict[str, types.LoggingLevel] = {}  # session id -> the level it asked for
         self._subscriptions: dict[str, set[tuple[str, str]]] = {}  # session id -> {(connector, resource URI)}
 
@@ -177,6 +179,7 @@ class Gateway:
             call.session_id = session_id
             if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
                 self._legacy_sessions[session_id] = (user.agent, ctx.session)
+                self._session_seen[session_id] = time.monotonic()
 
     def view_of(self, call: Invocation) -> EnclaveView:
         assert call.agent is not None
@@ -500,8 +503,16 @@ class Gateway:
                 except Exception:
                     await self._forget_session(session_id)
 
+    async def forget_idle_sessions(self, idle_seconds: float = DEFAULT_SESSION_IDLE_TIMEOUT) -> None:
+        """Forget sessions idle for longer than the SDK keeps them (it ends them silently, with no hook)."""
+        deadline = time.monotonic() - idle_seconds
+        for session_id, seen in list(self._session_seen.items()):
+            if seen < deadline:
+                await self._forget_session(session_id)
+
     async def _forget_session(self, session_id: str) -> None:
         """A session that cannot be reached any more: relay nothing to it, release its upstream subscriptions."""
+        self._session_seen.pop(session_id, None)
         self._legacy_sessions.pop(session_id, None)
         self._log_levels.pop(session_id, None)
         for connector, uri in self._subscriptions.pop(session_id, set()):

@@ -42,6 +42,7 @@ from gateway.state import StateStore
 logger = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SESSION_SWEEP_SECONDS = 60
 INSTRUCTIONS = (
     "This is an enclave gateway. You see only the tools, resources and prompts of your enclave; "
     "credentials for upstream servers are held by the gateway."
@@ -102,6 +103,12 @@ def transport_security(listen: ListenSettings) -> TransportSecuritySettings:
         hosts.append(authority)
         origins.append(listen.public_url)
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+async def _every(seconds: float, task: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await anyio.sleep(seconds)
+        await task()
 
 
 def build_app(
@@ -167,6 +174,7 @@ def build_app(
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(control.serve, settings.state_dir, on_control)
+            tg.start_soon(_every, SESSION_SWEEP_SECONDS, gateway.forget_idle_sessions)
             tg.start_soon(reloader.watch)
             tg.start_soon(reloader.on_sighup)
             yield

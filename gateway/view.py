@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import anyio
 import mcp_types as types
 
 from gateway import faults
@@ -130,16 +131,27 @@ class EnclaveView:
         return entries
 
     async def _build(self, entries_of: Any) -> tuple[dict[str, Any], bool]:
-        """Merge every connector's exposed entries; a name claimed twice is withheld (never guessed)."""
+        """Merge every connector's exposed entries (fetched concurrently, merged in configuration order);
+        a name claimed twice is withheld (never guessed)."""
+        fetched: dict[str, Any] = {}
+
+        async def fetch(connector: str, exposure: Exposure) -> None:
+            try:
+                fetched[connector] = await entries_of(connector, exposure)
+            except Exception as exc:
+                fetched[connector] = exc
+
+        async with anyio.create_task_group() as tg:
+            for connector, exposure in self.enclave.connectors.items():
+                tg.start_soon(fetch, connector, exposure)
         merged: dict[str, Any] = {}
         collided: set[str] = set()
         complete = True
-        for connector, exposure in self.enclave.connectors.items():
-            try:
-                entries = await entries_of(connector, exposure)
-            except Exception as exc:
+        for connector in self.enclave.connectors:
+            entries = fetched[connector]
+            if isinstance(entries, Exception):
                 logger.warning(
-                    "enclave %s: connector %s unavailable for listing: %s", self.enclave.name, connector, exc
+                    "enclave %s: connector %s unavailable for listing: %s", self.enclave.name, connector, entries
                 )
                 complete = False
                 continue
