@@ -14,11 +14,11 @@ with a valid agent token (any other goes straight on, to get the one 401):
 4. the agent's requests in flight (`agent_concurrency`, JSON-RPC requests only: notifications are answered
    at once): over it, 429.
 
-Every refusal is a JSON-RPC error (codes in gateway.errors) and is audited as a denial with reason
-`rate_limited`, `session_limit`, `concurrency_limited`, `request_too_large`, `request_timeout` or
-`malformed_request`; the
+Every refusal is a JSON-RPC error (codes in gateway.errors), audited as a denial with reason `rate_limited`,
+`session_limit`, `concurrency_limited`, `request_too_large`, `request_timeout` or `malformed_request`; the
 upstream is never contacted. The decoded message rides on the ASGI scope (`MESSAGE_KEY`) for the fast path,
-and the body is replayed, unchanged, to whichever path serves it.
+and the body is replayed, unchanged, to whichever path serves it. The rate is checked first but refused only
+once the body is read, so that the audit row names the method and target.
 """
 
 from __future__ import annotations
