@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import anyio
 import mcp_types as types
 from mcp import MCPError
+from mcp.client.session import ClientSession
 from mcp.server import ServerRequestContext
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http_manager import DEFAULT_SESSION_IDLE_TIMEOUT
@@ -41,7 +42,7 @@ from pydantic import BaseModel
 
 from gateway import errors, telemetry
 from gateway.auth import Agent, AuthenticatedAgent, current_agent
-from gateway.chambers import Chambers
+from gateway.chambers import Chambers, Clearance
 from gateway.config import Config, Connector
 from gateway.invocation import CHAMBER_AUTHORIZATION, Denied, Invocation, Recorder
 from gateway.peers import process_of
@@ -226,23 +227,22 @@ class Gateway:
             if clearance.question is not None:
                 return clearance.question
             await self._audit_authorization(call)
-            upstream = self.pool[tool.connector]
-            progress = self._progress_relay(ctx)
-
-            async def send(responses: Any, state: str | None) -> Any:
-                async with upstream.request(self._pushed_to(ctx)) as session:
-                    return await session.call_tool(
-                        tool.upstream_name,
-                        params.arguments,
-                        progress_callback=progress,
-                        input_responses=responses,
-                        request_state=state,
-                        meta=forwardable_meta(params.meta),
-                        allow_input_required=True,
-                    )
-
-            result = await self._with_input(ctx, send, clearance.input_responses, clearance.request_state)
-            return self._finish(call, await clearance.carry(result))
+            progress, meta = self._progress_relay(ctx), forwardable_meta(params.meta)
+            return await self._forward(
+                ctx,
+                call,
+                tool.connector,
+                clearance,
+                lambda session, responses, state: session.call_tool(
+                    tool.upstream_name,
+                    params.arguments,
+                    progress_callback=progress,
+                    input_responses=responses,
+                    request_state=state,
+                    meta=meta,
+                    allow_input_required=True,
+                ),
+            )
 
     # -- prompts -------------------------------------------------------------------------------
 
@@ -260,21 +260,21 @@ class Gateway:
             if prompt is None:
                 raise errors.unknown_prompt(params.name)
             call.route(prompt.connector, prompt.upstream_name)
-            upstream = self.pool[prompt.connector]
-
-            async def send(responses: Any, state: str | None) -> Any:
-                async with upstream.request(self._pushed_to(ctx)) as session:
-                    return await session.get_prompt(
-                        prompt.upstream_name,
-                        params.arguments,
-                        input_responses=responses,
-                        request_state=state,
-                        meta=forwardable_meta(params.meta),
-                        allow_input_required=True,
-                    )
-
-            result = await self._with_input(ctx, send, params.input_responses, params.request_state)
-            return self._finish(call, result)
+            meta = forwardable_meta(params.meta)
+            return await self._forward(
+                ctx,
+                call,
+                prompt.connector,
+                Clearance(input_responses=params.input_responses, request_state=params.request_state),
+                lambda session, responses, state: session.get_prompt(
+                    prompt.upstream_name,
+                    params.arguments,
+                    input_responses=responses,
+                    request_state=state,
+                    meta=meta,
+                    allow_input_required=True,
+                ),
+            )
 
     # -- resources -----------------------------------------------------------------------------
 
@@ -302,20 +302,16 @@ class Gateway:
             if clearance.question is not None:
                 return clearance.question
             await self._audit_authorization(call)
-            upstream = self.pool[connector]
-
-            async def send(responses: Any, state: str | None) -> Any:
-                async with upstream.request(self._pushed_to(ctx)) as session:
-                    return await session.read_resource(
-                        params.uri,
-                        input_responses=responses,
-                        request_state=state,
-                        meta=forwardable_meta(params.meta),
-                        allow_input_required=True,
-                    )
-
-            result = await self._with_input(ctx, send, clearance.input_responses, clearance.request_state)
-            return self._finish(call, await clearance.carry(result))
+            meta = forwardable_meta(params.meta)
+            return await self._forward(
+                ctx,
+                call,
+                connector,
+                clearance,
+                lambda session, responses, state: session.read_resource(
+                    params.uri, input_responses=responses, request_state=state, meta=meta, allow_input_required=True
+                ),
+            )
 
     # -- completion ----------------------------------------------------------------------------
 
@@ -553,6 +549,24 @@ class Gateway:
             await ctx.session.report_progress(progress, total, self.redactor.text(message) if message else message)
 
         return relay
+
+    async def _forward(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call: Invocation,
+        connector: str,
+        clearance: Clearance,
+        request: Callable[[ClientSession, Any, str | None], Awaitable[Any]],
+    ) -> Any:
+        """Forward one request that the upstream may answer with input_required, and finish its result."""
+        upstream = self.pool[connector]
+
+        async def send(responses: Any, state: str | None) -> Any:
+            async with upstream.request(self._pushed_to(ctx)) as session:
+                return await request(session, responses, state)
+
+        result = await self._with_input(ctx, send, clearance.input_responses, clearance.request_state)
+        return self._finish(call, await clearance.carry(result))
 
     async def _with_input(
         self,
