@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mcp import Client, StdioServerParameters
 
+from gateway.clients import launcher
 from tests.conftest import Topology
 from tests.harness import EXAMPLES, ConfigDir, canary, connect, running
 
@@ -158,7 +159,7 @@ def test_install_writes_each_clients_format_merged_backed_up_idempotent(desk: Co
             "windsurf": {"serverUrl": url, "headers": {"Authorization": "Bearer ${env:ENCLAVE_TOKEN}"}},
         }
         if client == "claude-desktop":  # stdio only: the wrapper, reading the token from the token file
-            assert entry["command"] == sys.executable
+            assert [entry["command"], *entry["args"][:-5]] == launcher()[0]  # the console script, or python -m
             assert entry["args"][-5:] == [
                 "connect", "--socket", str(desk.state_dir / "agents.sock"), "--token-file", str(token_file)
             ]  # fmt: skip
