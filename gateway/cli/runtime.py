@@ -7,15 +7,23 @@ import sys
 
 from gateway import control
 from gateway.cli.common import CommandError, Commands, load, resolve_secrets
+from gateway.config import Config
+from gateway.secrets import SecretResolver
+
+
+def resolved_secrets(config: Config, refusal: str) -> tuple[SecretResolver, list[str]]:
+    """Every secret the configuration references, or the problems on stderr and `refusal` as the error."""
+    resolver, secrets, problems = resolve_secrets(config)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        raise CommandError(refusal.format(count=len(problems)))
+    return resolver, secrets
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load(args)
-    _, _, problems = resolve_secrets(config)
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    if problems:
-        raise CommandError(f"{len(problems)} secret reference(s) cannot be resolved")
+    resolved_secrets(config, "{count} secret reference(s) cannot be resolved")
     agents = sum(len(e.agents) for e in config.enclaves.values())
     tests = sum(len(e.tests) for e in config.enclaves.values())
     print(
@@ -48,11 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.serve import serve  # heavy imports only for this command
 
     config = load(args)
-    resolver, secrets, problems = resolve_secrets(config)
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    if problems:
-        raise CommandError("refusing to start: fix the secret references above")
+    resolver, secrets = resolved_secrets(config, "refusing to start: fix the secret references above")
     return serve(config, resolver, secrets, listen=args.listen)
 
 
