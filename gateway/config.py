@@ -21,7 +21,8 @@ from jsonschema import Draft202012Validator
 
 from gateway import policy, yamldoc
 from gateway.policy import PolicyTest
-from gateway.secrets import ANY_REF, SECRET_REF, SecretSettings
+from gateway.redact import MIN_SECRET_LENGTH
+from gateway.secrets import ANY_REF, SECRET_REF, SecretError, SecretResolver, SecretSettings
 from gateway.yamldoc import Document, FieldPath, Problem
 
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -546,3 +547,31 @@ def _may_expose_tool(pattern: str, exposures: dict[str, Exposure], exposed_tools
     if GLOB_CHARS.search(pattern):
         return bool(globs)
     return any(pattern.startswith(prefix) and fnmatchcase(pattern[len(prefix) :], glob) for prefix, glob in globs)
+
+
+def resolve_secrets(config: Config) -> tuple[SecretResolver, list[str], list[Problem]]:
+    """Resolve every referenced secret; problems name the connector file and field that references it."""
+    resolver = SecretResolver(config.settings.secrets)
+    values: list[str] = []
+    problems: list[Problem] = []
+    for connector in config.connectors.values():
+        target = connector.target
+        section, fields = (
+            ("stdio.env", target.env) if isinstance(target, StdioTarget) else ("http.headers", target.headers)
+        )
+        for key, value in fields.items():
+            for name in SECRET_REF.findall(value):
+                where = f"{section}.{key}"
+                try:
+                    secret = resolver.resolve(name)
+                except SecretError as exc:
+                    problems.append(Problem(connector.source, where, str(exc)))
+                    continue
+                if len(secret) < MIN_SECRET_LENGTH:
+                    problems.append(
+                        Problem(
+                            connector.source, where, f"secret {name!r} is shorter than {MIN_SECRET_LENGTH} characters"
+                        )
+                    )
+                values.append(secret)
+    return resolver, values, problems

@@ -34,8 +34,7 @@ import anyio
 
 from gateway.audit import AuditLog
 from gateway.auth import AgentDirectory
-from gateway.cli.common import resolve_secrets
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config, resolve_secrets
 from gateway.pipeline import Gateway
 from gateway.secrets import SecretResolver
 

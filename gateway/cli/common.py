@@ -13,11 +13,8 @@ from typing import Any
 import anyio
 
 from gateway import control
-from gateway.config import Config, ConfigError, StdioTarget, duration_seconds, load_config
-from gateway.redact import MIN_SECRET_LENGTH
-from gateway.secrets import SECRET_REF, SecretError, SecretResolver
+from gateway.config import Config, ConfigError, duration_seconds, load_config
 from gateway.state import StateError, StateStore
-from gateway.yamldoc import Problem
 
 Commands = argparse._SubParsersAction  # the `add_subparsers()` object each module registers on
 
@@ -51,34 +48,6 @@ def load(args: argparse.Namespace) -> Config:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         raise CommandError(f"configuration in {Path(args.config).resolve()} has {len(exc.problems)} error(s)") from None
-
-
-def resolve_secrets(config: Config) -> tuple[SecretResolver, list[str], list[Problem]]:
-    """Resolve every referenced secret; problems name the connector file and field that references it."""
-    resolver = SecretResolver(config.settings.secrets)
-    values: list[str] = []
-    problems: list[Problem] = []
-    for connector in config.connectors.values():
-        target = connector.target
-        section, fields = (
-            ("stdio.env", target.env) if isinstance(target, StdioTarget) else ("http.headers", target.headers)
-        )
-        for field, value in fields.items():
-            for name in SECRET_REF.findall(value):
-                where = f"{section}.{field}"
-                try:
-                    secret = resolver.resolve(name)
-                except SecretError as exc:
-                    problems.append(Problem(connector.source, where, str(exc)))
-                    continue
-                if len(secret) < MIN_SECRET_LENGTH:
-                    problems.append(
-                        Problem(
-                            connector.source, where, f"secret {name!r} is shorter than {MIN_SECRET_LENGTH} characters"
-                        )
-                    )
-                values.append(secret)
-    return resolver, values, problems
 
 
 def with_store(config: Config, action: Callable[[StateStore], Any]) -> Any:

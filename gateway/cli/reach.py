@@ -15,8 +15,8 @@ import sys
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
-from gateway.cli.common import CommandError, Commands, emit, load, resolve_secrets
-from gateway.config import GLOB_CHARS, Chamber, Config, Enclave, Exposure
+from gateway.cli.common import CommandError, Commands, emit, load
+from gateway.config import GLOB_CHARS, Chamber, Config, Enclave, Exposure, resolve_secrets
 
 if TYPE_CHECKING:
     from gateway.view import EnclaveView

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from gateway import control
-from gateway.cli.common import CommandError, Commands, load, resolve_secrets
-from gateway.config import Config
+from gateway.cli.common import CommandError, Commands, load
+from gateway.config import Config, resolve_secrets
 from gateway.secrets import SecretResolver
 
 
