@@ -13,7 +13,7 @@ one SERVER span with one CLIENT child per upstream hop:
   the session, the transport, the gateway's decision (`enclave.*`) and the error. The SDK has set
   `mcp.method.name`, `gen_ai.tool.name`/`gen_ai.prompt.name`, `jsonrpc.request.id` and `mcp.protocol.version`.
 * The fast path (stateless-era `tools/call` served without the SDK's server) opens the same SERVER span itself
-  with `server_span`.
+  with `server_span`, and the same CLIENT span for its upstream hop (the raw stdio lane) with `upstream_span`.
 * `UpstreamSpans` renames the SDK's CLIENT span from `MCP send tools/call x` to the semantic-convention name
   `tools/call x` as it starts, and says which connector it goes to. A CLIENT span of our own around the
   upstream call would not replace the SDK's: that one would still start inside ours and its context is what
@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from mcp import MCPError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, OTELResourceDetector, Resource
@@ -131,6 +132,36 @@ def server_span(invocation: Invocation, meta: Any) -> AbstractContextManager[obj
         record_exception=False,
         set_status_on_exception=False,
     )
+
+
+def upstream_span(upstream: Upstream, method: str, request_id: str, params: dict[str, Any]) -> AbstractContextManager:
+    """For a request sent without the SDK's session (the fast path's lane): the CLIENT span the SDK would have
+    opened (named as `UpstreamSpans` names it), its context injected into `params["_meta"]` for the upstream.
+    Nothing when off."""
+    return _upstream_span(upstream, method, request_id, params) if _installed else nullcontext()
+
+
+@contextmanager
+def _upstream_span(upstream: Upstream, method: str, request_id: str, params: dict[str, Any]) -> Iterator[None]:
+    target = params.get("name")
+    name = f"{method} {target}" if isinstance(target, str) else method
+    attributes = {"mcp.method.name": method, "jsonrpc.request.id": request_id}
+    attributes |= client_span_attributes(method, target if isinstance(target, str) else "", upstream)
+    with _tracer.start_as_current_span(
+        name, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        propagate.inject(params.setdefault("_meta", {}))
+        try:
+            yield
+        except MCPError as exc:  # as the SDK's dispatcher marks an error response
+            code = str(exc.error.code)
+            span.set_attributes({"error.type": code, "rpc.response.status_code": code})
+            span.set_status(StatusCode.ERROR)
+            raise
+        except Exception as exc:
+            span.set_attribute("error.type", type(exc).__qualname__)
+            span.set_status(StatusCode.ERROR)
+            raise
 
 
 def exporters(signal: str, environ: Mapping[str, str] = os.environ) -> set[str]:
@@ -341,14 +372,19 @@ class UpstreamSpans(SpanProcessor):
         name = span.name.removeprefix(SDK_CLIENT_SPAN_PREFIX)
         span.update_name(name)
         method, _, target = name.partition(" ")
-        attributes: dict[str, str | int] = {}
-        if method == "tools/call" and target:
-            attributes.update({"gen_ai.tool.name": target, "gen_ai.operation.name": "execute_tool"})
-        elif method == "prompts/get" and target:
-            attributes["gen_ai.prompt.name"] = target
-        if (upstream := current_upstream.get()) is not None:
-            attributes.update(upstream_span_attributes(upstream))
-        span.set_attributes(attributes)
+        span.set_attributes(client_span_attributes(method, target, current_upstream.get()))
+
+
+def client_span_attributes(method: str, target: str, upstream: Upstream | None) -> dict[str, str | int]:
+    """What a CLIENT span to an upstream says beyond the method: the tool or prompt, the connector, its transport."""
+    attributes: dict[str, str | int] = {}
+    if method == "tools/call" and target:
+        attributes.update({"gen_ai.tool.name": target, "gen_ai.operation.name": "execute_tool"})
+    elif method == "prompts/get" and target:
+        attributes["gen_ai.prompt.name"] = target
+    if upstream is not None:
+        attributes.update(upstream_span_attributes(upstream))
+    return attributes
 
 
 class _SanitizingSpanExporter(SpanExporter):

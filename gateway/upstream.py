@@ -11,6 +11,7 @@ resets the count. Other connectors never wait on it. Closing the pool terminates
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections import Counter
@@ -34,7 +35,7 @@ from gateway.config import Connector, StdioTarget
 from gateway.redact import Redactor
 from gateway.secrets import SecretResolver
 from gateway.upstream_http import IDENTITY, BoundedJsonTransport
-from gateway.upstream_stdio import bounded_stdio_client
+from gateway.upstream_stdio import LaneClosed, RawLane, bounded_stdio_client
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Upstream:
         self._subscriptions: Counter[str] = Counter()
         self._task_group: TaskGroup | None = None
         self._client: Client | None = None
+        self._lane: RawLane | None = None  # beside a stdio server's session: the fast path's hop
         self._stop: anyio.Event | None = None
         self._lock = anyio.Lock()
         self._tools: list[types.Tool] | None = None
@@ -128,7 +130,7 @@ class Upstream:
 
     def reset(self) -> None:
         """Drop the session (it is broken or being replaced); the next use opens a new one."""
-        self._client = None
+        self._client = self._lane = None
         self._tools = self._prompts = None
         if self._stop is not None:
             self._stop.set()
@@ -153,10 +155,10 @@ class Upstream:
         started = False
         self._oversized = False
         try:
-            async with self._open() as client, anyio.create_task_group() as watchers:
+            async with self._open() as (client, lane), anyio.create_task_group() as watchers:
                 if client.protocol_version in MODERN_PROTOCOL_VERSIONS:
                     watchers.start_soon(self._listen, client)
-                self._client, self._stop, started = client, stop, True
+                self._client, self._lane, self._stop, started = client, lane, stop, True
                 if self._log_level is not None or self._subscriptions:
                     watchers.start_soon(self._restore, client.session)
                 task_status.started()
@@ -170,11 +172,11 @@ class Upstream:
                 self._failed()
         finally:
             if self._stop is stop:
-                self._client = None
+                self._client = self._lane = None
                 self._tools = self._prompts = None
 
     @asynccontextmanager
-    async def _open(self) -> AsyncIterator[Client]:
+    async def _open(self) -> AsyncIterator[tuple[Client, RawLane | None]]:
         target = self.connector.target
         if isinstance(target, StdioTarget):
             # The gateway's non-secret OTel settings, so the upstream's spans join the trace; the connector's wins.
@@ -182,12 +184,11 @@ class Upstream:
                 name: self._resolver.expand(value) for name, value in target.env.items()
             }
             params = StdioServerParameters(command=target.command, args=list(target.args), env=env, cwd=target.cwd)
-            limit = self.connector.max_result_bytes
-            async with (
-                _stderr_relay(self.name, self._redactor) as errlog,
-                self._client_for(bounded_stdio_client(self.name, params, errlog, limit, self._too_large)) as client,
-            ):
-                yield client
+            limit, lane = self.connector.max_result_bytes, RawLane()
+            async with _stderr_relay(self.name, self._redactor) as errlog:
+                transport = bounded_stdio_client(self.name, params, errlog, limit, self._too_large, lane)
+                async with self._client_for(transport) as client:
+                    yield client, lane
         else:
             headers = {name: self._resolver.expand(value) for name, value in target.headers.items()}
             limit = self.connector.max_result_bytes
@@ -195,7 +196,7 @@ class Upstream:
             http = httpx2.AsyncClient(headers=IDENTITY | headers, transport=BoundedJsonTransport(self.name, limit))
             transport = streamable_http_client(target.url, http_client=http, max_sse_event_size=limit)
             async with http, self._client_for(transport) as client:
-                yield client
+                yield client, None
 
     def _client_for(self, transport: Any) -> Client:
         return Client(
@@ -250,19 +251,13 @@ class Upstream:
             with anyio.fail_after(self.connector.timeout_seconds):
                 yield session
         except TimeoutError:
-            raise MCPError(errors.UPSTREAM_TIMEOUT, errors.upstream_timeout(self.name)) from None
+            raise self._timed_out() from None
         except MCPError as exc:
             if exc.error.code == CONNECTION_CLOSED:
-                self._broken(session)
-                if self._oversized:
-                    raise errors.result_too_large(self.name, self.connector.max_result_bytes) from None
-                raise MCPError(errors.UPSTREAM_UNAVAILABLE, errors.upstream_unavailable(self.name)) from None
-            # The upstream's own error goes to the agent: scrub it like a result (it may quote its credential).
-            error = exc.error
-            raise MCPError(error.code, self._redactor.text(error.message), self._redactor.value(error.data)) from None
+                raise self._lost(session) from None
+            raise self._scrubbed(exc.error) from None
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream, OSError):
-            self._broken(session)
-            raise MCPError(errors.UPSTREAM_UNAVAILABLE, errors.upstream_unavailable(self.name)) from None
+            raise self._lost(session) from None
         else:
             self._failures = 0
         finally:
@@ -274,15 +269,50 @@ class Upstream:
 
         `ClientSession.send_request` builds and validates pydantic models on both sides of the call; the fast
         path does without them. It still stamps the request exactly as the SDK does for the negotiated era
-        (the `_meta` envelope and routing headers of 2026-07-28) and goes through the SDK's dispatcher for ids,
-        timeouts and cancellation. Both are private SDK members, pinned by `mcp==2.3.*` and covered by the
-        tests that compare the fast path with the SDK path in both eras.
+        (`session._stamp`: the `_meta` envelope and routing headers of 2026-07-28). A stdio server's request
+        takes the session's `RawLane` (plain asyncio, no anyio primitive: measured on the hot path), an HTTP
+        server's the SDK's dispatcher. Both are private SDK members, pinned by `mcp==2.3.*` and covered by the
+        tests that compare the fast path with the SDK path in both eras. The outcomes are those of `request`.
         """
-        async with self.request() as session:
-            data: dict[str, Any] = {"method": method, "params": params}
-            options: dict[str, Any] = {}
-            session._stamp(data, options)  # type: ignore[arg-type]
-            return await session._dispatcher.send_raw_request(method, data["params"], options)  # type: ignore[arg-type]
+        session = await self.session()
+        lane = self._lane
+        if lane is None:
+            async with self.request() as session:
+                stamped, options = _stamped(session, method, params)
+                return await session._dispatcher.send_raw_request(method, stamped, options)  # type: ignore[arg-type]
+        stamped, _ = _stamped(session, method, params)
+        request_id = lane.new_id()
+        flight = object()
+        self._in_flight[flight] = None  # no agent to ask: what the upstream asks meanwhile is refused
+        try:
+            with telemetry.upstream_span(self, method, request_id, stamped):
+                try:
+                    async with asyncio.timeout(self.connector.timeout_seconds):
+                        response = await lane.request(request_id, method, stamped)
+                except TimeoutError:
+                    raise self._timed_out() from None
+                except LaneClosed:
+                    raise self._lost(session) from None
+                if "error" in response:
+                    raise self._scrubbed(types.ErrorData.model_validate(response["error"]))
+        finally:
+            del self._in_flight[flight]
+        self._failures = 0
+        return response["result"]
+
+    def _timed_out(self) -> MCPError:
+        return MCPError(errors.UPSTREAM_TIMEOUT, errors.upstream_timeout(self.name))
+
+    def _lost(self, session: ClientSession) -> MCPError:
+        """`session` broke under a request: drop it; the error for the agent."""
+        self._broken(session)
+        if self._oversized:
+            return errors.result_too_large(self.name, self.connector.max_result_bytes)
+        return MCPError(errors.UPSTREAM_UNAVAILABLE, errors.upstream_unavailable(self.name))
+
+    def _scrubbed(self, error: types.ErrorData) -> MCPError:
+        """The upstream's own error, for the agent: scrubbed like a result (it may quote its credential)."""
+        return MCPError(error.code, self._redactor.text(error.message), self._redactor.value(error.data))
 
     async def tools(self) -> list[types.Tool]:
         if self._tools is None:
@@ -408,6 +438,14 @@ class Upstream:
         except Exception as exc:
             error = self._redactor.text(str(exc))
             logger.warning("connector %s: could not restore log level or subscriptions: %s", self.name, error)
+
+
+def _stamped(session: ClientSession, method: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`params` and call options as the SDK's session sends them in the era it negotiated (a private member)."""
+    data: dict[str, Any] = {"method": method, "params": params}
+    options: dict[str, Any] = {}
+    session._stamp(data, options)  # type: ignore[arg-type]
+    return data["params"], options
 
 
 def _attribute(field: str) -> str:
