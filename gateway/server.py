@@ -185,6 +185,6 @@ def build_app(
         middleware=[Middleware(AuthenticationMiddleware, backend=backend), Middleware(AuthContextMiddleware)],
         lifespan=lifespan,
     )
-    paths = FastPath(app, gateway, backend, security, MCP_PATH, server.server_info_stamp) if settings.fast_path else app
+    paths = FastPath(app, gateway, security, MCP_PATH, server.server_info_stamp) if settings.fast_path else app
     # The SDK's registry of open handshake-era sessions (a private member, pinned by mcp==2.3.*).
     return AgentGuard(paths, gateway, backend, settings.limits, MCP_PATH, sessions._server_instances)

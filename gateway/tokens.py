@@ -29,7 +29,7 @@ def token_hash(token: str) -> str:
 def fingerprint(key: bytes, value: str | bytes) -> str:
     """First 12 hex characters of HMAC-SHA256(key, value): names a value without revealing it."""
     data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-    return hmac.new(key, data, hashlib.sha256).hexdigest()[:12]
+    return hmac.digest(key, data, "sha256").hex()[:12]
 
 
 def ensure_state_dir(state_dir: Path) -> Path:
