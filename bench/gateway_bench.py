@@ -5,7 +5,8 @@
 
 The same upstream (tests/servers/evil.py, tool `echo`) is called directly over streamable HTTP, directly
 over stdio (the official client), and through `enclave serve` (stdio upstream behind it; authentication,
-policy, argument validation, redaction and the audit commit all on). Rounds alternate between the
+policy, argument validation, redaction, the audit commit and tracing all on: spans go over OTLP/HTTP to a
+receiver on loopback, tests/otlp_receiver.py). Rounds alternate between the
 direct and the gateway route so that machine noise hits both alike; ratios are what to read, since
 absolute times on a shared 2-core machine are noise.
 
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.harness import EVIL, ConfigDir, GatewayProcess, free_port, python_server  # noqa: E402
+from tests.otlp_receiver import OTLPReceiver  # noqa: E402
 
 MODERN = "2026-07-28"
 LEGACY = "2025-11-25"
@@ -144,7 +146,9 @@ def direct_http_upstream(env: dict[str, str]) -> Iterator[tuple[str, int]]:
 
 
 @contextmanager
-def gateway(root: Path, env: dict[str, str], durability: str) -> Iterator[tuple[GatewayProcess, str]]:
+def gateway(
+    root: Path, env: dict[str, str], durability: str, tracing: dict[str, str]
+) -> Iterator[tuple[GatewayProcess, str]]:
     config = (
         ConfigDir(root)
         .gateway(audit_durability=durability, limits=UNLIMITED)
@@ -152,7 +156,7 @@ def gateway(root: Path, env: dict[str, str], durability: str) -> Iterator[tuple[
         .enclave("bench", ["bench"], {"evil": {"tools": ["echo", "giant"]}})
     )
     token = config.mint("bench", "bench")
-    process = GatewayProcess(config)
+    process = GatewayProcess(config, tracing)
     try:
         yield process, token
     finally:
@@ -225,7 +229,7 @@ async def stdio_latency(env: dict[str, str], calls: int) -> dict[str, float]:
     return percentiles(samples)
 
 
-async def cold_start(root: Path, env: dict[str, str]) -> float:
+async def cold_start(root: Path, env: dict[str, str], tracing: dict[str, str]) -> float:
     """Seconds from `enclave serve` being started to its first answered tools/list."""
     config = (
         ConfigDir(root)
@@ -234,7 +238,7 @@ async def cold_start(root: Path, env: dict[str, str]) -> float:
     )
     token = config.mint("bench", "bench")
     start = time.perf_counter()
-    process = GatewayProcess(config)
+    process = GatewayProcess(config, tracing)
     try:
         async with httpx2.AsyncClient(timeout=60) as http:
             await RawClient(http, process.url, MODERN, token).open()
@@ -262,9 +266,14 @@ async def sessions_rss(url: str, token: str, pid: int, count: int) -> float:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     env = {"EVIL_GIANT": str(100 * 1024)}
     report: dict[str, Any] = {"era": args.era, "calls": args.calls, "audit_durability": args.durability}
-    with tempfile.TemporaryDirectory() as tmp, direct_http_upstream(env) as (direct_url, _):
-        report["cold_start_s"] = await cold_start(Path(tmp) / "cold", env)
-        with gateway(Path(tmp) / "gw", env, args.durability) as (process, token):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        direct_http_upstream(env) as (direct_url, _),
+        OTLPReceiver().running() as receiver,
+    ):
+        tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_TRACES_EXPORTER": "otlp"}
+        report["cold_start_s"] = await cold_start(Path(tmp) / "cold", env, tracing)
+        with gateway(Path(tmp) / "gw", env, args.durability, tracing) as (process, token):
             pid = process.process.pid
             report["rss_idle_mb"] = rss_mb(pid)
             async with httpx2.AsyncClient(timeout=60) as http:
@@ -289,13 +298,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     "gateway": await throughput(process.url, token, args.era, clients, args.seconds),
                 }
             report["rss_1000_sessions_mb"] = await sessions_rss(process.url, token, pid, 1000)
+        report["spans_received"] = len(receiver.spans)
     return report
 
 
 def ratios(report: dict[str, Any]) -> list[str]:
     lat, big = report["latency_ms"], report["latency_100kb_ms"]
     lines = [
-        f"era {report['era']}, audit_durability {report['audit_durability']}, {report['calls']} calls per route",
+        f"era {report['era']}, audit_durability {report['audit_durability']}, {report['calls']} calls per route, "
+        f"tracing on ({report['spans_received']} spans received over OTLP)",
         "sequential tools/call latency (ms)      direct   gateway   gateway-direct   ratio",
     ]
     for q in ("p50", "p95", "p99"):
