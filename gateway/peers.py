@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from starlette.types import Scope
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.tokens import TOKEN_PREFIX
 
@@ -107,19 +106,22 @@ def attribute(sock: socket.socket, scrub: Scrub) -> dict[str, Any] | None:
     return process
 
 
-class PeerCredentialsProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol for the agents' socket: attributes each connection once, when it is accepted.
+class PeerCredentials:
+    """Added to uvicorn's HTTP/1.1 protocol for the agents' socket (whichever parser it selected, h11 or
+    httptools; see `with_peer_credentials`): attributes each connection once, when it is accepted.
 
-    uvicorn copies `app_state` into every request's `scope["state"]`; giving each connection its own copy with
-    the attributed process carries it to the application without any per-request lookup."""
+    Both protocols copy `app_state` into every request's `scope["state"]`; giving each connection its own copy
+    with the attributed process carries it to the application without any per-request lookup."""
+
+    app_state: dict[str, Any]  # set by the protocol's __init__
 
     def __init__(self, *args: Any, scrub: Scrub, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.scrub = scrub
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        sock = transport.get_extra_info("socket")  # uvloop gives a PseudoSocket: getsockopt works on it too
         process = attribute(sock, self.scrub) if sock is not None else None
         if process is not None:
             self.app_state = {**self.app_state, PROCESS_STATE_KEY: process}

@@ -16,10 +16,11 @@ import uvicorn
 from gateway.audit import AuditLog
 from gateway.auth import AgentDirectory
 from gateway.config import MCP_PATH, Config, base_url
+from gateway.http_protocol import http_and_loop, with_peer_credentials
 from gateway.invocation import DecisionLog, Recorders
 from gateway.lifecycle import ConfigReloader
 from gateway.limits import TokenBucket
-from gateway.peers import PeerCredentialsProtocol, agents_socket
+from gateway.peers import agents_socket
 from gateway.pins import ToolPins
 from gateway.pipeline import Gateway
 from gateway.redact import Redactor
@@ -108,7 +109,7 @@ class _Server(uvicorn.Server):
         operator opens that directory.) Without it the gateway still serves HTTP."""
         path.unlink(missing_ok=True)
         protocol = partial(
-            PeerCredentialsProtocol,
+            with_peer_credentials(self.config.http_protocol_class),  # the parser the TCP listener uses
             config=self.config,
             server_state=self.server_state,
             app_state=self.lifespan.state,
@@ -149,11 +150,15 @@ def serve(config: Config, resolver: SecretResolver, secrets: list[str], listen: 
     gateway = Gateway(config, resolver, redactor, recorder, ToolPins(audit, redactor.text))
     app = build_app(config, gateway, directory, audit, ConfigReloader(gateway, directory, audit, loaded, resolver))
     settings = config.settings.listen
+    http, loop = http_and_loop()
+    logger.info("HTTP protocol %s, event loop %s", getattr(http, "__name__", http), loop)
     server = _Server(
         uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
+            http=http,
+            loop=loop,
             access_log=False,  # a mistaken ?token= in a URL must not reach a log
             log_config=None,
             lifespan="on",

@@ -6,12 +6,14 @@ through it unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,12 @@ import anyio
 import httpx2
 import mcp.types as types
 import pytest
+import uvicorn
 from mcp import Client, MCPError, StdioServerParameters
+from uvicorn.server import ServerState
 
+from gateway.http_protocol import StrictHttpTools, http_and_loop, with_peer_credentials
+from gateway.peers import PROCESS_STATE_KEY
 from tests import nodetools
 from tests.harness import (
     ERAS,
@@ -190,6 +196,41 @@ async def test_a_claim_is_recorded_never_trusted(local: tuple[Any, ...]) -> None
     assert response.status_code == 200
     row = next(r for r in reversed(audit_rows(config)) if r["method"] == "tools/list")
     assert json.loads(row["process"]) == {"claim": json.loads(forged)}
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_each_connection_is_attributed_on_either_parser(tmp_path: Path, parser: str) -> None:
+    """The agents' socket speaks whichever HTTP/1.1 protocol uvicorn runs (httptools where installed, h11
+    otherwise): each connection carries its own process, in its requests' state only."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = json.dumps(scope["state"].get(PROCESS_STATE_KEY)).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    http = http_and_loop()[0] if parser == "httptools" else "h11"
+    config = uvicorn.Config(app, http=http, lifespan="off", log_config=None)
+    config.load()
+    app_state: dict[str, Any] = {"shared": True}
+    protocol = partial(
+        with_peer_credentials(config.http_protocol_class),
+        config=config,
+        server_state=ServerState(),
+        app_state=app_state,
+        scrub=str,
+    )
+    socket_path = tmp_path / "agents.sock"
+    server = await asyncio.get_running_loop().create_unix_server(protocol, str(socket_path))
+    try:
+        async with httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=str(socket_path))) as client:
+            replies = [(await client.get("http://localhost/")).json() for _ in range(2)]
+    finally:
+        server.close()
+    assert issubclass(config.http_protocol_class, StrictHttpTools) == (parser == "httptools")
+    for process in replies:
+        assert process["pid"] == os.getpid() and process["uid"] == os.getuid()
+        assert process["exe"] == os.readlink("/proc/self/exe")
+    assert app_state == {"shared": True}
 
 
 def _envelope() -> dict[str, Any]:

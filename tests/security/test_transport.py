@@ -1,6 +1,8 @@
-"""Transport: DNS rebinding, Host values that could move the path (BadHost), path variants of the endpoint, and
-the request body limit, the same on both request paths (threat-principles 1.1: Docker MCP Gateway, Starlette
-CVE-2026-48710, ContextForge PR #3812; 1.2: the SDKs' DNS-rebinding CVEs).
+"""Transport: DNS rebinding, Host values that could move the path (BadHost), path variants of the endpoint, the
+request body limit, the same on both request paths (threat-principles 1.1: Docker MCP Gateway, Starlette
+CVE-2026-48710, ContextForge PR #3812; 1.2: the SDKs' DNS-rebinding CVEs), and the HTTP/1.1 framing the parser
+lets through, the same on httptools (where installed) as on h11: a bounded header section, exactly one Host,
+trailer fields never taken for headers.
 
 Proven elsewhere, not repeated: a foreign Origin gets 403 and a foreign Host 421, with a valid token, in both eras
 (tests/test_auth.py::test_dns_rebinding_checks).
@@ -8,13 +10,17 @@ Proven elsewhere, not repeated: a foreign Origin gets 403 and a foreign Host 421
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import sys
 from typing import Any
 
 import pytest
 import starlette
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.http_protocol import StrictHttpTools, http_and_loop
 from tests.harness import http, raw_post
 from tests.security.conftest import audit
 from tests.security.invariants import Deployment, assert_e401, assert_invariants, rpc
@@ -80,6 +86,73 @@ def test_a_host_that_could_move_the_path_is_refused(world: Deployment, host: str
         assert reply.endswith(b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Host header"}}')
         replies.append(reply.decode("latin-1"))
     assert_invariants(world, *replies)
+
+
+def test_the_gateway_runs_on_httptools_made_strict_and_uvloop_else_h11_and_asyncio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httptools and uvloop are dependencies (uvloop but on Windows); without them the gateway still starts."""
+    http, loop = http_and_loop()
+    assert isinstance(http, type) and issubclass(http, StrictHttpTools) and issubclass(http, HttpToolsProtocol)
+    assert loop == ("asyncio" if sys.platform == "win32" else "uvloop")
+    monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)  # importing it fails
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    assert http_and_loop() == ("h11", "asyncio")
+
+
+def test_an_endless_header_section_is_cut_off(world: Deployment) -> None:
+    """No token can be looked at before the header section ends, so the parser bounds it: past MAX_HEAD_BYTES
+    the gateway answers 400 and closes the connection, long before a client has sent 16 MiB of one header."""
+    sent = 0
+    reply = b""
+    with socket.create_connection(("127.0.0.1", _port(world)), timeout=10) as sock:
+        sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Filler: ")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):  # a timeout would mean it stopped reading
+            for _ in range(256):
+                sock.sendall(b"x" * 65536)
+                sent += 65536
+        with contextlib.suppress(ConnectionResetError):  # the reset can overtake the 400
+            reply = sock.recv(65536)
+    assert sent < 16 * 1024 * 1024
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert_invariants(world, reply.decode("latin-1"))
+
+
+FRAMING = ["no Host", "two Hosts", "Host only in a trailer", "token only in a trailer"]
+
+
+@pytest.mark.parametrize("case", FRAMING)
+def test_framing_is_refused_before_anything_is_forwarded(world: Deployment, case: str) -> None:
+    """An HTTP/1.1 request has exactly one Host (RFC 9112, 3.2): 400 from the parser. Trailer fields (after a
+    chunked body) are dropped, never appended to the headers the guard has already checked: a Host there leaves
+    the request without one, a token there leaves it unauthenticated (401). Nothing reaches the upstream."""
+    port = _port(world)
+    body = json.dumps(modern_call({"text": "framing"})).encode()
+    host = f"Host: 127.0.0.1:{port}\r\n"
+    token = f"Authorization: Bearer {world.tokens['a1']}\r\n"
+    headers, trailer = {
+        "no Host": (token, ""),
+        "two Hosts": (host + f"Host: localhost:{port}\r\n" + token, ""),
+        "Host only in a trailer": (token, host),
+        "token only in a trailer": (host, token),
+    }[case]
+    fixed = "".join(f"{name}: {value}\r\n" for name, value in MODERN_HEADERS.items())
+    head = (
+        f"POST /mcp HTTP/1.1\r\n{headers}{fixed}Content-Type: application/json\r\n"
+        "Accept: application/json, text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    chunked = f"{len(body):x}\r\n".encode() + body + f"\r\n0\r\n{trailer}\r\n".encode()
+    before = world.logs["evil"].count()
+    reply = raw_http(world, head.encode() + chunked)
+    status = int(reply.split(b" ", 2)[1])
+    assert status == (401 if case == "token only in a trailer" else 400), reply[:300]
+    assert b'"result"' not in reply
+    assert world.logs["evil"].count() == before
+    assert_invariants(world, reply.decode("latin-1"))
+
+
+def _port(world: Deployment) -> int:
+    return int(world.url.split(":")[2].split("/")[0])
 
 
 @pytest.mark.parametrize("path", ["/mcp/", "/MCP", "//mcp", "/mcp/../mcp", "/mcp;x=1", "/mcp%2F", "/x/../mcp"])

@@ -1,0 +1,88 @@
+"""The HTTP/1.1 protocol agents talk to: uvicorn's, on its compiled parser (httptools) and event loop (uvloop)
+where they are installed, held to what h11 refuses, and, on the agents' Unix socket, with each connection
+attributed to its process (gateway.peers)."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import lru_cache
+from typing import Any
+
+from gateway.peers import PeerCredentials
+
+MAX_HEAD_BYTES = 64 * 1024  # a request's line and header fields; h11 stopped at 16 KiB (unless read at once)
+
+
+class StrictHttpTools:
+    """In front of uvicorn's httptools protocol (llhttp), for both listeners: refuses again what h11 refused and
+    llhttp lets through, where it matters to the gateway.
+
+    - A header section without end: llhttp buffers a header field for as long as the client keeps sending it, so
+      any local process could grow the gateway without bound before a token is even looked at. Past
+      MAX_HEAD_BYTES the request is refused (400) and the connection closed.
+    - Trailer fields, after a chunked body: uvicorn appends them to the request's headers, so a header could
+      appear after the agent guard has checked them. They are dropped, as h11 drops them.
+    - An HTTP/1.1 request without Host, or with two (RFC 9112, 3.2): 400, as h11 answers.
+
+    It overrides uvicorn's parser callbacks; tests/security/test_transport.py holds the result to h11's answers."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # from the end of a message to the end of the next one's header section
+        self._head_bytes = 0  # that section's, counted by whole reads: a read a message begins in is not counted
+        self._began = False
+        self._hosts = 0
+
+    def data_received(self, data: bytes) -> None:
+        in_head, self._began = self._in_head, False
+        super().data_received(data)  # type: ignore[misc]
+        if in_head and self._in_head and not self._began:  # all of `data` belongs to one header section
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.send_400_response("Request header fields too large.")
+
+    def on_message_begin(self) -> None:
+        self._in_head, self._began, self._head_bytes, self._hosts = True, True, 0, 0
+        super().on_message_begin()  # type: ignore[misc]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field
+        if name.lower() == b"host":
+            self._hosts += 1
+        super().on_header(name, value)  # type: ignore[misc]
+
+    def on_headers_complete(self) -> None:
+        if self._hosts != 1 and self.parser.get_http_version() == "1.1":
+            raise ValueError("not exactly one Host")  # raised through the parser: uvicorn answers 400
+        self._in_head = False
+        super().on_headers_complete()  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        self._in_head = True
+        super().on_message_complete()  # type: ignore[misc]
+
+
+def http_and_loop() -> tuple[type[asyncio.Protocol] | str, str]:
+    """uvicorn's HTTP protocol and event loop: httptools (made strict) and uvloop, compiled, where they are
+    installed (declared dependencies: together they take about 15% off the gateway's CPU per tool call),
+    else h11 and asyncio, e.g. on Windows, where uvloop does not exist. Named rather than left to uvicorn's
+    "auto", so that the parser facing agents is one the transport tests ran against."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools is not installed
+        http: type[asyncio.Protocol] | str = "h11"
+    else:
+        http = type("StrictHttpToolsProtocol", (StrictHttpTools, HttpToolsProtocol), {})
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return http, "asyncio"
+    return http, "uvloop"
+
+
+@lru_cache(maxsize=8)
+def with_peer_credentials(protocol: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class (`uvicorn.Config.http_protocol_class`, once loaded) with `PeerCredentials`
+    in front of it; built once per class."""
+    return type(f"PeerCredentials{protocol.__name__}", (PeerCredentials, protocol), {})
