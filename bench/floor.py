@@ -28,7 +28,7 @@ from tests.harness import free_port  # noqa: E402
 
 BARE_SERVER = """
 import sys, uvicorn
-from gateway.serve import http_and_loop
+from gateway.http_protocol import http_and_loop
 
 REPLY = b'{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hi"}],"isError":false}}'
 
