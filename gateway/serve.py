@@ -160,6 +160,7 @@ def serve(config: Config, resolver: SecretResolver, secrets: list[str], listen: 
             http=http,
             loop=loop,
             access_log=False,  # a mistaken ?token= in a URL must not reach a log
+            proxy_headers=False,  # nothing in front of the gateway is trusted to rewrite who connected
             log_config=None,
             lifespan="on",
             timeout_graceful_shutdown=5,
