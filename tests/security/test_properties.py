@@ -6,6 +6,8 @@ The decoding property runs against the shared world gateway: arbitrary bodies, n
 every method and arbitrary headers, with the fuzz agent's token, another token or none. No reply is a 5xx, a
 request without a valid token gets the one 401, and the upstreams receive exactly the calls the audit log shows
 as allowed for the fuzz agent (nothing reaches an upstream unless authorised).
+
+A third property holds the redactor's shortcut for long strings to its pattern: no form of a secret survives.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.redact import MIN_SECRET_LENGTH, REPLACEMENT, SCAN_FIRST_LENGTH, Redactor, variants
 from tests.harness import http
 from tests.security.conftest import audit
 from tests.security.invariants import Deployment, assert_invariants
@@ -279,3 +282,24 @@ def test_any_configuration_loads_or_says_what_is_wrong(
                 assert str(problem.file) and problem.message
         else:
             assert isinstance(config, Config)
+
+
+SECRET_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_+/="
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    secrets=st.lists(st.text(SECRET_CHARACTERS, min_size=MIN_SECRET_LENGTH, max_size=40), min_size=1, max_size=6),
+    filler=st.text(min_size=SCAN_FIRST_LENGTH, max_size=3 * SCAN_FIRST_LENGTH),
+    data=st.data(),
+)
+def test_a_long_text_is_scrubbed_of_every_form_of_every_secret(secrets: list[str], filler: str, data: Any) -> None:
+    """Long strings are searched for each form before the pattern runs (gateway.redact.SCAN_FIRST_LENGTH): that
+    shortcut must never let a form or an agent token through, wherever it sits."""
+    redactor = Redactor(secrets)
+    token = "encl_" + data.draw(st.text(SECRET_CHARACTERS[:-3], min_size=43, max_size=43))
+    leak = data.draw(st.sampled_from([token, *sorted(form for secret in secrets for form in variants(secret))]))
+    at = data.draw(st.integers(0, len(filler)))
+    scrubbed = redactor.text(filler[:at] + leak + filler[at:])
+    assert leak not in scrubbed
+    assert REPLACEMENT in scrubbed
