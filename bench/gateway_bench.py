@@ -5,10 +5,11 @@
 
 The same upstream (tests/servers/evil.py, tool `echo`) is called directly over streamable HTTP, directly
 over stdio (the official client), and through `enclave serve` (stdio upstream behind it; authentication,
-policy, argument validation, redaction, the audit commit and tracing all on: spans go over OTLP/HTTP to a
-receiver on loopback, tests/otlp_receiver.py). Rounds alternate between the
-direct and the gateway route so that machine noise hits both alike; ratios are what to read, since
-absolute times on a shared 2-core machine are noise.
+policy, argument validation, a brokered credential and the redaction of every result, the audit commit and
+tracing all on: spans go over OTLP/HTTP to a receiver on loopback, tests/otlp_receiver.py). Rounds alternate
+between the direct and the gateway route so that machine noise hits both alike; ratios are what to read,
+since absolute times on a shared 2-core machine are noise. `python -m bench.floor` measures what the serving
+stack costs on its own.
 
 The HTTP load generator is a lean raw JSON-RPC client (httpx2 with prepared bodies), the same for the
 direct and the gateway route, so that client cost does not hide the gateway's.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -152,7 +154,8 @@ def gateway(
     config = (
         ConfigDir(root)
         .gateway(audit_durability=durability, limits=UNLIMITED)
-        .connector("evil", python_server(EVIL, **env))
+        .secret("evil-key", secrets.token_urlsafe(24))  # brokered, so every result is scrubbed of it
+        .connector("evil", python_server(EVIL, EVIL_API_KEY="${secret:evil-key}", **env))
         .enclave("bench", ["bench"], {"evil": {"tools": ["echo", "giant"]}})
     )
     token = config.mint("bench", "bench")
