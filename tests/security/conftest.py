@@ -8,7 +8,7 @@ receiver (so that NOLEAK sweeps them too):
                        2026-07-28 one), both putting their credential on every way out (EVIL_LEAK)
     e2 (b1)            weather, time: the ALIVE agent's enclave
     e3 (h1)            hostile upstreams: hang (1 s timeout), giant (64 KiB limit), crashy, noisy (garbage on
-                       stdout, a stderr flood at start-up)
+                       stdout, a stderr flood at start-up, a malformed response before the real one)
 
 `deploy` starts variants of it (other settings, other environment, more configuration) for the families that
 need their own gateway.
@@ -55,7 +55,8 @@ def hostile_world(root: Path, settings: dict[str, Any] | None = None) -> tuple[C
         "giant", {**evil(logs["giant"], EVIL_GIANT=str(2 * 1024 * 1024)), "max_result_bytes": HOSTILE_LIMIT}
     )
     config.connector("crashy", evil(logs["crashy"], EVIL_CRASH_AFTER="1"))
-    config.connector("noisy", evil(logs["noisy"], EVIL_BAD_STDOUT="1", EVIL_STDERR_FLOOD=str(3 * 1024 * 1024)))
+    noise = {"EVIL_BAD_STDOUT": "1", "EVIL_STDERR_FLOOD": str(3 * 1024 * 1024), "EVIL_MANGLE": "1"}
+    config.connector("noisy", evil(logs["noisy"], **noise))
     e1 = {
         "design": {
             "tools": ["search_parts", "get_part", "export_design", "slow_count", "confirm_delete"],
@@ -71,7 +72,7 @@ def hostile_world(root: Path, settings: dict[str, Any] | None = None) -> tuple[C
         "hang": {"tools": ["hang", "echo"], "prefix": "hang_"},
         "giant": {"tools": ["giant", "echo"], "prefix": "giant_"},
         "crashy": {"tools": ["echo"], "prefix": "crashy_"},
-        "noisy": {"tools": ["echo"], "prefix": "noisy_"},
+        "noisy": {"tools": ["echo", "mangle"], "prefix": "noisy_"},
     }
     config.enclave("e3", ["h1"], e3)
     if settings:

@@ -65,6 +65,18 @@ async def test_a_hang_is_cut_by_the_timeout_while_other_enclaves_are_served(worl
     assert_invariants(world, outcome[0])
 
 
+@pytest.mark.parametrize("mode", ERAS)
+async def test_a_response_that_is_not_json_rpc_is_skipped(world: Deployment, mode: str) -> None:
+    """Before its answer, `mangle` sends a line with its request's id whose result is not an object. Both request
+    paths (the SDK's session, and the fast path's lane for a 2026-era agent) skip it, as the SDK skips any line
+    that is not JSON-RPC, and take the answer that follows."""
+    async with connect(world.url, world.tokens["h1"], mode) as client:
+        await client.list_tools()  # listed: a 2026-era call takes the fast path
+        result = await client.call_tool("noisy_mangle", {})
+    assert (result.is_error, text(result)) == (False, "proper")
+    assert_invariants(world, result)
+
+
 async def test_a_crash_loop_is_restarted_with_backoff(world: Deployment) -> None:
     """evil exits on every tools/call. The first crash is restarted at the next call; after that the gateway
     waits 0.5 s, then 1 s, ... and answers at once, without starting it, while it waits."""

@@ -12,6 +12,8 @@ tool called `name` and announces tools/list_changed.
     EVIL_POISON_DESC=1       tool `poisoned` carries an <IMPORTANT> prompt injection in its description
     EVIL_RUG_PULL_AFTER=N    tool `rug` changes description and inputSchema after N tools/list requests
     EVIL_BAD_STDOUT=1        on stdio, non-JSON lines go to stdout before serving
+    EVIL_MANGLE=1            tool `mangle` (stdio only) first answers its call with a line that is not a JSON-RPC
+                             response (its `result` a string), then properly: "proper"
     EVIL_STDERR_FLOOD=BYTES  BYTES of junk go to stderr at start-up
     EVIL_LEAK=1              the EVIL_ECHO_VAR value on every other way out: progress and log messages
                              (`leak_progress`), an elicitation (`leak_elicit`), a tool description
@@ -25,6 +27,7 @@ Run `python evil.py` for stdio or `python evil.py --http PORT` for Streamable HT
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sys
 from collections import Counter
@@ -143,6 +146,15 @@ async def hang() -> None:
     await anyio.sleep_forever()
 
 
+async def mangle(ctx: Context) -> str:
+    """Answer with a malformed response first: one write of a short line to the protocol pipe is atomic, so it
+    lands between whole messages of the SDK's writer."""
+    assert PROTOCOL_STDOUT is not None
+    line = json.dumps({"jsonrpc": "2.0", "id": ctx.request_context.request_id, "result": "mangled"})
+    os.write(PROTOCOL_STDOUT, line.encode() + b"\n")
+    return "proper"
+
+
 def giant() -> str:
     """Return a text of EVIL_GIANT bytes."""
     return "A" * (number("EVIL_GIANT") or 0)
@@ -204,6 +216,10 @@ if flag("EVIL_ECHO_ENV"):
     server.add_tool(echo_env)
 if flag("EVIL_HANG"):
     server.add_tool(hang)
+if flag("EVIL_MANGLE"):
+    server.add_tool(mangle)
+# The SDK's stdio server moves sys.stdout away from the protocol pipe once it serves: keep a handle on it.
+PROTOCOL_STDOUT = os.dup(1) if flag("EVIL_MANGLE") else None
 if number("EVIL_GIANT") is not None:
     server.add_tool(giant, structured_output=False)
 if flag("EVIL_POISON_DESC"):
