@@ -6,8 +6,10 @@
 The same upstream (tests/servers/evil.py, tool `echo`) is called directly over streamable HTTP, directly
 over stdio (the official client), and through `enclave serve` (stdio upstream behind it; authentication,
 policy, argument validation, a brokered credential and the redaction of every result, the audit commit and
-tracing all on: spans go over OTLP/HTTP to a receiver on loopback, tests/otlp_receiver.py). Rounds alternate
-between the direct and the gateway route so that machine noise hits both alike; ratios are what to read,
+tracing all on: spans go over OTLP/HTTP to a receiver on loopback, in a process of its own, bench/otlp_sink.py).
+The upstream called directly is configured as the gateway configures it (it exports its spans to the same
+receiver), so that both routes end at the same upstream. Rounds alternate between the direct and the gateway
+route so that machine noise hits both alike; ratios are what to read,
 since absolute times on a shared 2-core machine are noise. `python -m bench.floor` measures what the serving
 stack costs on its own.
 
@@ -38,8 +40,8 @@ from mcp import Client, StdioServerParameters
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from gateway.telemetry import forwarded_environment  # noqa: E402
 from tests.harness import EVIL, ConfigDir, GatewayProcess, free_port, python_server  # noqa: E402
-from tests.otlp_receiver import OTLPReceiver  # noqa: E402
 
 MODERN = "2026-07-28"
 LEGACY = "2025-11-25"
@@ -121,6 +123,27 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+@contextmanager
+def otlp_receiver() -> Iterator[tuple[str, Callable[[], int]]]:
+    """A receiver in its own process (bench/otlp_sink.py): its URL, and a function that stops it and returns
+    the number of spans it received."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.otlp_sink"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdin is not None and process.stdout is not None
+
+    def spans_received() -> int:
+        output, _ = process.communicate()
+        return int(output)
+
+    try:
+        yield process.stdout.readline().strip(), spans_received
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @contextmanager
@@ -267,41 +290,40 @@ async def sessions_rss(url: str, token: str, pid: int, count: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    env = {"EVIL_GIANT": str(100 * 1024)}
     report: dict[str, Any] = {"era": args.era, "calls": args.calls, "audit_durability": args.durability}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        direct_http_upstream(env) as (direct_url, _),
-        OTLPReceiver().running() as receiver,
+        otlp_receiver() as (receiver_url, spans_received),
     ):
-        tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_TRACES_EXPORTER": "otlp"}
-        report["cold_start_s"] = await cold_start(Path(tmp) / "cold", env, tracing)
-        with gateway(Path(tmp) / "gw", env, args.durability, tracing) as (process, token):
-            pid = process.process.pid
-            report["rss_idle_mb"] = rss_mb(pid)
-            async with httpx2.AsyncClient(timeout=60) as http:
-                routes = {
-                    "direct": await RawClient(http, direct_url, args.era, None).open(),
-                    "gateway": await RawClient(http, process.url, args.era, token).open(),
-                }
-                await interleaved_latency(routes, 100, "echo", {"text": "warm up"})
-                report["latency_ms"] = await interleaved_latency(routes, args.calls, "echo", {"text": "hi"})
-                report["latency_100kb_ms"] = await interleaved_latency(routes, args.calls // 4, "giant", {})
-                before = cpu_seconds(pid)
-                count = args.calls
-                await latencies(
-                    lambda: routes["gateway"].call("tools/call", {"name": "echo", "arguments": {"text": "hi"}}), count
-                )
-                report["gateway_cpu_ms_per_call"] = (cpu_seconds(pid) - before) / count * 1000
-            report["stdio_direct_latency_ms"] = await stdio_latency(env, args.calls)
-            report["throughput_calls_per_s"] = {}
-            for clients in (1, 8, 32):
-                report["throughput_calls_per_s"][clients] = {
-                    "direct": await throughput(direct_url, None, args.era, clients, args.seconds),
-                    "gateway": await throughput(process.url, token, args.era, clients, args.seconds),
-                }
-            report["rss_1000_sessions_mb"] = await sessions_rss(process.url, token, pid, 1000)
-        report["spans_received"] = len(receiver.spans)
+        tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver_url, "OTEL_TRACES_EXPORTER": "otlp"}
+        # The upstream called directly gets what the gateway passes on to its stdio upstream: the same upstream.
+        env = {"EVIL_GIANT": str(100 * 1024), **forwarded_environment(tracing)}
+        with direct_http_upstream(env) as (direct_url, _):
+            report["cold_start_s"] = await cold_start(Path(tmp) / "cold", env, tracing)
+            with gateway(Path(tmp) / "gw", env, args.durability, tracing) as (process, token):
+                pid = process.process.pid
+                report["rss_idle_mb"] = rss_mb(pid)
+                async with httpx2.AsyncClient(timeout=60) as http:
+                    routes = {
+                        "direct": await RawClient(http, direct_url, args.era, None).open(),
+                        "gateway": await RawClient(http, process.url, args.era, token).open(),
+                    }
+                    await interleaved_latency(routes, 100, "echo", {"text": "warm up"})
+                    report["latency_ms"] = await interleaved_latency(routes, args.calls, "echo", {"text": "hi"})
+                    report["latency_100kb_ms"] = await interleaved_latency(routes, args.calls // 4, "giant", {})
+                    echo = {"name": "echo", "arguments": {"text": "hi"}}
+                    before = cpu_seconds(pid)
+                    await latencies(lambda: routes["gateway"].call("tools/call", echo), args.calls)
+                    report["gateway_cpu_ms_per_call"] = (cpu_seconds(pid) - before) / args.calls * 1000
+                report["stdio_direct_latency_ms"] = await stdio_latency(env, args.calls)
+                report["throughput_calls_per_s"] = {}
+                for clients in (1, 8, 32):
+                    report["throughput_calls_per_s"][clients] = {
+                        "direct": await throughput(direct_url, None, args.era, clients, args.seconds),
+                        "gateway": await throughput(process.url, token, args.era, clients, args.seconds),
+                    }
+                report["rss_1000_sessions_mb"] = await sessions_rss(process.url, token, pid, 1000)
+        report["spans_received"] = spans_received()
     return report
 
 
