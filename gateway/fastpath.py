@@ -128,8 +128,9 @@ class FastPath:
 
     async def _call(
         self, call: Invocation, arguments: dict[str, Any], meta: Any, verdict: InboundModernRoute
-    ) -> dict[str, Any] | Exception:
-        """The pipeline for one call; returns the result, or the exception that becomes the error reply."""
+    ) -> str | Exception:
+        """The pipeline for one call; returns the result encoded as JSON (encoded once, and measured as encoded,
+        inside the audited scope), or the exception that becomes the error reply."""
         try:
             async with self.gateway.recording(call):
                 tool = await self.gateway.authorize_tool(call, call.target or "", arguments)
@@ -140,8 +141,9 @@ class FastPath:
                 if methods.is_input_required(raw):
                     requests = raw.get("inputRequests") or {}
                     self.gateway.check_input_capabilities(verdict.client_capabilities, requests)
-                result = self.gateway.clean_raw(call, raw)
-                return self._for_agent(call, result)
+                encoded = json.dumps(self._for_agent(call, self.gateway.scrubbed(call, raw)), separators=(",", ":"))
+                self.gateway.count_out(call, len(encoded))
+                return encoded
         except Exception as exc:
             return exc
 
@@ -155,14 +157,14 @@ class FastPath:
         dumped["_meta"] = {**dumped.get("_meta", {}), SERVER_INFO_META_KEY: self.server_info}
         return dumped
 
-    async def _respond(self, send: Send, request_id: Any, outcome: dict[str, Any] | Exception) -> None:
+    async def _respond(self, send: Send, request_id: Any, outcome: str | Exception) -> None:
         if isinstance(outcome, Exception):
             error = modern_error_data(outcome).model_dump(mode="json", by_alias=True, exclude_none=True)
             status = ERROR_CODE_HTTP_STATUS.get(error["code"], 200)
-            body: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "error": error}
-        else:
-            status, body = 200, {"jsonrpc": "2.0", "id": request_id, "result": outcome}
-        payload = json.dumps(body, separators=(",", ":")).encode()
+            payload = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}, separators=(",", ":")).encode()
+        else:  # both parts are JSON already: the result is not encoded a second time
+            status = 200
+            payload = b'{"jsonrpc":"2.0","id":%b,"result":%b}' % (json.dumps(request_id).encode(), outcome.encode())
         headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})

@@ -625,19 +625,27 @@ class Gateway:
         return type(result).model_validate(cleaned, by_name=False)
 
     def clean_raw(self, call: Invocation, result: dict[str, Any]) -> dict[str, Any]:
-        """Redact brokered secrets and strip upstream identity keys from a result about to leave; refuse one over
-        the connector's max_result_bytes (its transport bounds what it buffers; this also covers plain JSON
-        replies of HTTP upstreams and lists merged from several connectors)."""
+        """`scrubbed`, then `count_out` on the result's JSON size."""
+        cleaned = self.scrubbed(call, result)
+        self.count_out(call, len(json.dumps(cleaned, separators=(",", ":"))))
+        return cleaned
+
+    def scrubbed(self, call: Invocation, result: dict[str, Any]) -> dict[str, Any]:
+        """Redact brokered secrets and strip upstream identity keys from a result about to leave."""
         call.finish(is_error=bool(result.get("isError")))
-        cleaned = _strip_identity(self.redactor.value(result))
-        call.bytes_out = len(json.dumps(cleaned, separators=(",", ":")))
+        return _strip_identity(self.redactor.value(result))
+
+    def count_out(self, call: Invocation, size: int) -> None:
+        """Record the size of the result as JSON, and refuse one over the connector's max_result_bytes (its
+        transport bounds what it buffers; this also covers plain JSON replies of HTTP upstreams and lists merged
+        from several connectors)."""
+        call.bytes_out = size
         if call.connector is not None:
             limit = self.pool[call.connector].connector.max_result_bytes
         else:
             limit = self.config.settings.limits.max_result_bytes
-        if call.bytes_out > limit:
+        if size > limit:
             raise errors.result_too_large(call.connector, limit)
-        return cleaned
 
 
 def _strip_identity(value: Any) -> Any:

@@ -143,6 +143,24 @@ async def test_a_giant_message_is_cut_at_the_limit(world: Deployment, mode: str,
 
 
 @pytest.mark.parametrize("mode", ERAS)
+async def test_a_result_over_the_limit_once_encoded_for_the_agent_is_refused(world: Deployment, mode: str) -> None:
+    """The transport bounds the upstream's message; the gateway also measures the result as the agent would
+    receive it. evil echoes 12,000 non-ASCII characters (as text and as structured content): a 48 KB line of
+    UTF-8, under the 64 KiB limit, that is 144 KB once encoded for the agent (as `\\u00e9` escapes). It is
+    refused, and audited so, on both paths."""
+    async with connect(world.url, world.tokens["h1"], mode) as client:
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("giant_echo", {"text": "\u00e9" * 12_000})
+        assert text(await client.call_tool("giant_echo", {"text": "small"})) == "small"
+    assert refused.value.error.code == -32006
+    era = "2025-11-25" if mode == "legacy" else mode
+    where = "agent = 'h1' AND target = 'giant_echo' AND protocol_version = ? AND error_code IS NOT NULL"
+    (row,) = audit(world, where, (era,))
+    assert (row["decision"], row["reason"], row["error_code"]) == ("allow", "result_too_large", -32006)
+    assert_invariants(world, refused.value)
+
+
+@pytest.mark.parametrize("mode", ERAS)
 async def test_garbage_on_stdout_and_a_stderr_flood_do_not_wedge_the_gateway(world: Deployment, mode: str) -> None:
     """evil writes non-JSON lines to stdout and 3 MiB to stderr before serving: it still serves, and the
     gateway's log holds a bounded sample of the flood rather than all of it."""
