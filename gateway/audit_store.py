@@ -19,7 +19,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,8 @@ def event_row(method: str, decision: str, reason: str, **columns: Any) -> dict[s
 def _text(value: Any) -> str:
     """Text SQLite can store: a lone surrogate (JSON allows one, UTF-8 does not) is kept as an escape."""
     text = str(value)
+    if text.isascii():  # most values: no need to try the encoding
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -345,7 +347,7 @@ def _merge(touches: Iterable[SessionTouch]) -> list[dict[str, Any]]:
         entry = merged.get((touch.agent, touch.session))
         if entry is None:
             merged[(touch.agent, touch.session)] = {
-                **asdict(touch),
+                **vars(touch),  # not dataclasses.asdict: its deep copy was ~20 us per call
                 "first_seen": touch.at,
                 "last_seen": touch.at,
                 "calls": 1,
