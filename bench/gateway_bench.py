@@ -1,7 +1,7 @@
 """Gateway cost against direct calls, measured in one run and interleaved.
 
     .venv/bin/python bench/gateway_bench.py [--calls 400] [--era 2026-07-28|2025-11-25]
-        [--durability full|normal] [--json out.json]
+        [--durability full|normal] [--no-tracing] [--json out.json]
 
 The same upstream (tests/servers/evil.py, tool `echo`) is called directly over streamable HTTP, directly
 over stdio (the official client), and through `enclave serve` (stdio upstream behind it; authentication,
@@ -9,9 +9,9 @@ policy, argument validation, a brokered credential and the redaction of every re
 tracing all on: spans go over OTLP/HTTP to a receiver on loopback, in a process of its own, bench/otlp_sink.py).
 The upstream called directly is configured as the gateway configures it (it exports its spans to the same
 receiver), so that both routes end at the same upstream. Rounds alternate between the direct and the gateway
-route so that machine noise hits both alike; ratios are what to read,
-since absolute times on a shared 2-core machine are noise. `python -m bench.floor` measures what the serving
-stack costs on its own.
+route so that machine noise hits both alike; ratios are what to read, since absolute times on a shared 2-core
+machine are noise. `--no-tracing` shows what tracing costs (the targets are for tracing on).
+`python -m bench.floor` measures what the serving stack costs on its own.
 
 The HTTP load generator is a lean raw JSON-RPC client (httpx2 with prepared bodies), the same for the
 direct and the gateway route, so that client cost does not hide the gateway's.
@@ -290,12 +290,19 @@ async def sessions_rss(url: str, token: str, pid: int, count: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    report: dict[str, Any] = {"era": args.era, "calls": args.calls, "audit_durability": args.durability}
+    report: dict[str, Any] = {
+        "era": args.era,
+        "calls": args.calls,
+        "audit_durability": args.durability,
+        "tracing": not args.no_tracing,
+    }
     with (
         tempfile.TemporaryDirectory() as tmp,
         otlp_receiver() as (receiver_url, spans_received),
     ):
         tracing = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver_url, "OTEL_TRACES_EXPORTER": "otlp"}
+        if args.no_tracing:
+            tracing = {}
         # The upstream called directly gets what the gateway passes on to its stdio upstream: the same upstream.
         env = {"EVIL_GIANT": str(100 * 1024), **forwarded_environment(tracing)}
         with direct_http_upstream(env) as (direct_url, _):
@@ -329,9 +336,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def ratios(report: dict[str, Any]) -> list[str]:
     lat, big = report["latency_ms"], report["latency_100kb_ms"]
+    tracing = f"tracing on ({report['spans_received']} spans received)" if report["tracing"] else "tracing off"
     lines = [
         f"era {report['era']}, audit_durability {report['audit_durability']}, {report['calls']} calls per route, "
-        f"tracing on ({report['spans_received']} spans received over OTLP)",
+        f"{tracing}",
         "sequential tools/call latency (ms)      direct   gateway   gateway-direct   ratio",
     ]
     for q in ("p50", "p95", "p99"):
@@ -358,6 +366,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each throughput run")
     parser.add_argument("--era", choices=(MODERN, LEGACY), default=MODERN)
     parser.add_argument("--durability", choices=("full", "normal"), default="full", help="gateway audit_durability")
+    parser.add_argument("--no-tracing", action="store_true", help="what tracing costs: run without it (not the target)")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     arguments = parser.parse_args()
     result = anyio.run(main, arguments)
