@@ -7,7 +7,8 @@ whose reply was sent. A failed write makes `record()` raise, and the pipeline re
 
 Arguments are stored as an HMAC-SHA256 digest under the gateway key (equal arguments, equal digest; the
 values stay private); raw arguments only for enclaves with `audit: {raw_arguments: true}`, redacted.
-`AuditedEndpoint` records what only the HTTP layer sees: authentication failures and sessions that end.
+`AuditedEndpoint` records what only the HTTP layer sees: authentication failures and sessions that end;
+`record_parser_refusal` what only the HTTP parser sees.
 """
 
 from __future__ import annotations
@@ -115,15 +116,26 @@ class AuditLog:
     async def end_session(self, agent: str, session: str) -> None:
         await self._submit(_Entry(end=SessionEnd(agent, session, time.time())))
 
+    def record_parser_refusal(self, reason: str) -> None:
+        """A request the HTTP parser refused (gateway.http_protocol), before any token was looked at: queued for
+        the next commit but not waited for, since the parser's 400 is already on its way."""
+        try:
+            self._enqueue(_Entry(row=event_row("http", "deny", reason)))
+        except AuditError:
+            logger.error("could not audit a request the HTTP parser refused (%s)", reason)
+
     async def _submit(self, entry: _Entry) -> None:
         # Queued before the first await: a caller cancelled while waiting still gets its row written (the
         # cancellation cancels only the caller's own future; the writer holds the entry).
+        self._enqueue(entry)
+        if not await entry.done:
+            raise AuditError("the audit row could not be committed")
+
+    def _enqueue(self, entry: _Entry) -> None:
         if self._queue is None:
             raise AuditError("the audit log is not running")
         self._queue.append(entry)
         self._wake.set()
-        if not await entry.done:
-            raise AuditError("the audit row could not be committed")
 
     async def _write(self, store: AuditStore, executor: ThreadPoolExecutor, queue: deque[_Entry]) -> None:
         """Append what is queued, up to MAX_BATCH entries at a time, until the log stops and `queue` is empty."""

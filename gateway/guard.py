@@ -3,7 +3,8 @@ the SDK's server) reads it, so that both apply the same limits and see the same 
 
 First, for every request: a Host header that is not a host name or IP literal with an optional port (one with
 `/`, `?`, `#`, `@`, ...) is refused with 400 (the SDK's allowlist admits any suffix after `host:`, and a
-Host that does not parse the same everywhere is how Starlette's BadHost flaw moved paths). Then, for a request
+Host that does not parse the same everywhere is how Starlette's BadHost flaw moved paths), audited as
+`invalid_host` (with the agent, if the request carries a valid token). Then, for a request
 with a valid agent token (any other goes straight on, to get the one 401):
 
 1. the agent's rate (`limits.agent_rate_per_second`, `agent_burst`): over it, 429 with `Retry-After`;
@@ -88,7 +89,9 @@ class AgentGuard:
             return
         host = Headers(scope=scope).get("host")
         if host is not None and not VALID_HOST.fullmatch(host):
-            await _respond(send, None, _Refused(400, INVALID_REQUEST, "Invalid Host header", "invalid_host"))
+            refusal = _Refused(400, INVALID_REQUEST, "Invalid Host header", "invalid_host")
+            await self._audit(scope, self.backend.agent_for(HTTPConnection(scope)), {}, refusal)
+            await _respond(send, None, refusal)
             return
         if scope["path"] != self.path:
             await self.app(scope, receive, send)
@@ -198,7 +201,7 @@ class AgentGuard:
             "request_timeout",
         )
 
-    async def _audit(self, scope: Scope, agent: Agent, message: dict[str, Any], refusal: _Refused) -> None:
+    async def _audit(self, scope: Scope, agent: Agent | None, message: dict[str, Any], refusal: _Refused) -> None:
         """Record the refusal like any other denial (an audit failure changes nothing: it is refused anyway)."""
         headers = Headers(scope=scope)
         params = message.get("params")

@@ -1,16 +1,35 @@
 """The HTTP/1.1 protocol agents talk to: uvicorn's, on its compiled parser (httptools) and event loop (uvloop)
-where they are installed, held to what h11 refuses, and, on the agents' Unix socket, with each connection
-attributed to its process (gateway.peers)."""
+where they are installed, held to what h11 refuses, with every request its parser refuses audited, and, on the
+agents' Unix socket, with each connection attributed to its process (gateway.peers)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 from gateway.peers import PeerCredentials
 
 MAX_HEAD_BYTES = 64 * 1024  # a request's line and header fields; h11 stopped at 16 KiB (unless read at once)
+HEAD_TOO_LARGE = "Request header fields too large."
+PARSER_REFUSALS_KEY = "enclave.parser_refusals"
+"""In the application's lifespan state: called with the reason of each request the HTTP parser refuses."""
+ParserRefusals = Callable[[str], None]
+
+
+class AuditedRefusals:
+    """In front of uvicorn's HTTP protocol (either parser): a request its parser refuses with 400 (not HTTP, an
+    endless header section, not exactly one Host) is answered before the application sees it, so it is reported
+    here, to be audited like every other refusal: reason `header_section_too_large` or `malformed_http`."""
+
+    app_state: dict[str, Any]  # uvicorn's: the application's lifespan state
+
+    def send_400_response(self, msg: str) -> None:
+        refused: ParserRefusals | None = self.app_state.get(PARSER_REFUSALS_KEY)
+        if refused is not None:
+            refused("header_section_too_large" if msg == HEAD_TOO_LARGE else "malformed_http")
+        super().send_400_response(msg)  # type: ignore[misc]
 
 
 class StrictHttpTools:
@@ -39,7 +58,7 @@ class StrictHttpTools:
         if in_head and self._in_head and not self._began:  # all of `data` belongs to one header section
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-                self.send_400_response("Request header fields too large.")
+                self.send_400_response(HEAD_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         self._in_head, self._began, self._head_bytes, self._hosts = True, True, 0, 0
@@ -63,17 +82,20 @@ class StrictHttpTools:
         super().on_message_complete()  # type: ignore[misc]
 
 
-def http_and_loop() -> tuple[type[asyncio.Protocol] | str, str]:
+def http_and_loop() -> tuple[type[asyncio.Protocol], str]:
     """uvicorn's HTTP protocol and event loop: httptools (made strict) and uvloop, compiled, where they are
     installed (declared dependencies: together they take about 15% off the gateway's CPU per tool call),
-    else h11 and asyncio, e.g. on Windows, where uvloop does not exist. Named rather than left to uvicorn's
-    "auto", so that the parser facing agents is one the transport tests ran against."""
+    else h11 and asyncio, e.g. on Windows, where uvloop does not exist; either protocol with its refusals
+    audited. Named rather than left to uvicorn's "auto", so that the parser facing agents is one the
+    transport tests ran against."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # httptools is not installed
-        http: type[asyncio.Protocol] | str = "h11"
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        http = type("AuditedH11Protocol", (AuditedRefusals, H11Protocol), {})
     else:
-        http = type("StrictHttpToolsProtocol", (StrictHttpTools, HttpToolsProtocol), {})
+        http = type("StrictHttpToolsProtocol", (AuditedRefusals, StrictHttpTools, HttpToolsProtocol), {})
     try:
         import uvloop  # noqa: F401
     except ImportError:

@@ -35,6 +35,7 @@ from gateway.auth import AgentDirectory, BearerBackend
 from gateway.config import MCP_PATH, Config, ListenSettings, base_url
 from gateway.fastpath import FastPath
 from gateway.guard import AgentGuard
+from gateway.http_protocol import PARSER_REFUSALS_KEY, ParserRefusals
 from gateway.lifecycle import ConfigReloader
 from gateway.pipeline import Gateway
 from gateway.state import StateStore
@@ -163,7 +164,7 @@ def build_app(
         return reply if reply is not None else {"ok": True}
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, ParserRefusals]]:
         await reload_agents()
         async with (
             audit.running(),
@@ -177,7 +178,7 @@ def build_app(
             tg.start_soon(_every, SESSION_SWEEP_SECONDS, gateway.forget_idle_sessions)
             tg.start_soon(reloader.watch)
             tg.start_soon(reloader.on_sighup)
-            yield
+            yield {PARSER_REFUSALS_KEY: audit.record_parser_refusal}  # lifespan state, read by the HTTP protocol
             tg.cancel_scope.cancel()
 
     app = Starlette(

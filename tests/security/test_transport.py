@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 import starlette
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.http_protocol import StrictHttpTools, http_and_loop
+from gateway.http_protocol import AuditedRefusals, StrictHttpTools, http_and_loop
 from tests.harness import http, raw_post
 from tests.security.conftest import audit
 from tests.security.invariants import Deployment, assert_e401, assert_invariants, rpc
@@ -73,6 +74,7 @@ def test_a_host_that_could_move_the_path_is_refused(world: Deployment, host: str
     port = world.url.split(":")[2].split("/")[0]
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}).encode()
     replies = []
+    since = last_audit_id(world)
     for token in (None, world.tokens["a1"]):
         request = (
             f"POST /mcp HTTP/1.1\r\nHost: {host.format(port=port)}\r\nContent-Type: application/json\r\n"
@@ -85,19 +87,35 @@ def test_a_host_that_could_move_the_path_is_refused(world: Deployment, host: str
         assert status == 400, reply[:200]
         assert reply.endswith(b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Host header"}}')
         replies.append(reply.decode("latin-1"))
+    rows = audit(world, "id > ? AND reason = 'invalid_host'", (since,))
+    assert [(row["decision"], row["agent"]) for row in rows] == [("deny", None), ("deny", "a1")]
     assert_invariants(world, *replies)
+
+
+def last_audit_id(world: Deployment) -> int:
+    return max((row["id"] for row in audit(world)), default=0)
+
+
+def parser_refusals(world: Deployment, since: int) -> list[str]:
+    """The reasons of the requests the HTTP parser refused, audited after row `since`. They are queued as the 400
+    leaves, not waited for; a request answered after them (a 401, committed before its reply) commits them too."""
+    assert raw_post(world.url, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).status_code == 401
+    return [row["reason"] for row in audit(world, "id > ? AND method = 'http'", (since,))]
 
 
 def test_the_gateway_runs_on_httptools_made_strict_and_uvloop_else_h11_and_asyncio(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """httptools and uvloop are dependencies (uvloop but on Windows); without them the gateway still starts."""
+    """httptools and uvloop are dependencies (uvloop but on Windows); without them the gateway still starts, on
+    h11; the parser's refusals are audited on either."""
     http, loop = http_and_loop()
-    assert isinstance(http, type) and issubclass(http, StrictHttpTools) and issubclass(http, HttpToolsProtocol)
+    assert issubclass(http, StrictHttpTools) and issubclass(http, HttpToolsProtocol)
+    assert issubclass(http, AuditedRefusals)
     assert loop == ("asyncio" if sys.platform == "win32" else "uvloop")
     monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)  # importing it fails
     monkeypatch.setitem(sys.modules, "uvloop", None)
-    assert http_and_loop() == ("h11", "asyncio")
+    http, loop = http_and_loop()
+    assert issubclass(http, H11Protocol) and issubclass(http, AuditedRefusals) and loop == "asyncio"
 
 
 def test_an_endless_header_section_is_cut_off(world: Deployment) -> None:
@@ -105,6 +123,7 @@ def test_an_endless_header_section_is_cut_off(world: Deployment) -> None:
     the gateway answers 400 and closes the connection, long before a client has sent 16 MiB of one header."""
     sent = 0
     reply = b""
+    since = last_audit_id(world)
     with socket.create_connection(("127.0.0.1", _port(world)), timeout=10) as sock:
         sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Filler: ")
         with pytest.raises((BrokenPipeError, ConnectionResetError)):  # a timeout would mean it stopped reading
@@ -115,6 +134,7 @@ def test_an_endless_header_section_is_cut_off(world: Deployment) -> None:
             reply = sock.recv(65536)
     assert sent < 16 * 1024 * 1024
     assert reply == b"" or reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert parser_refusals(world, since) == ["header_section_too_large"]
     assert_invariants(world, reply.decode("latin-1"))
 
 
@@ -142,12 +162,13 @@ def test_framing_is_refused_before_anything_is_forwarded(world: Deployment, case
         "Accept: application/json, text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     )
     chunked = f"{len(body):x}\r\n".encode() + body + f"\r\n0\r\n{trailer}\r\n".encode()
-    before = world.logs["evil"].count()
+    before, since = world.logs["evil"].count(), last_audit_id(world)
     reply = raw_http(world, head.encode() + chunked)
     status = int(reply.split(b" ", 2)[1])
     assert status == (401 if case == "token only in a trailer" else 400), reply[:300]
     assert b'"result"' not in reply
     assert world.logs["evil"].count() == before
+    assert parser_refusals(world, since) == ([] if case == "token only in a trailer" else ["malformed_http"])
     assert_invariants(world, reply.decode("latin-1"))
 
 
