@@ -21,6 +21,7 @@ Decision = Literal["allow", "deny", "error"]
 Outcome = Literal["ok", "tool_error", "protocol_error"]
 # The method of the audit row written before a chamber call is forwarded (not a request of its own).
 CHAMBER_AUTHORIZATION = "chamber.authorize"
+CREDENTIAL_REDACTED = "credential_redacted"  # the reason of an allowed call whose result held a secret form
 
 
 class Denied(MCPError):
@@ -84,6 +85,10 @@ class Invocation:
 
     def finish(self, is_error: bool = False) -> None:
         self.outcome = "tool_error" if is_error else "ok"
+
+    def redacted(self) -> None:
+        """A brokered credential (or an agent token) was cut out of what the upstream answered."""
+        self.reason = CREDENTIAL_REDACTED
 
 
 class Recorder(Protocol):

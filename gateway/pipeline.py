@@ -631,9 +631,19 @@ class Gateway:
         return cleaned
 
     def scrubbed(self, call: Invocation, result: dict[str, Any]) -> dict[str, Any]:
-        """Redact brokered secrets and strip upstream identity keys from a result about to leave."""
+        """Redact brokered secrets and strip upstream identity keys from a result about to leave. A result that
+        held one is audited so (reason `credential_redacted`) and logged: its upstream echoed its credential."""
         call.finish(is_error=bool(result.get("isError")))
-        return _strip_identity(self.redactor.value(result))
+        cleaned, hits = self.redactor.scrub(result)
+        if hits:
+            call.redacted()
+            logger.warning(
+                "%s from connector %s: %d secret form(s) or agent token(s) cut out of the result",
+                call.method,
+                call.connector or "-",
+                hits,
+            )
+        return _strip_identity(cleaned)
 
     def count_out(self, call: Invocation, size: int) -> None:
         """Record the size of the result as JSON, and refuse one over the connector's max_result_bytes (its

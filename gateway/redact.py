@@ -74,12 +74,36 @@ class Redactor:
         self._needles = (*ordered, TOKEN_PREFIX)
 
     def text(self, value: str) -> str:
-        if len(value) >= SCAN_FIRST_LENGTH and not any(needle in value for needle in self._needles):
-            return value
-        return self._pattern.sub(REPLACEMENT, value)
+        return self._subn(value)[0]
 
     def value(self, obj: Any) -> Any:
         """A copy of a JSON-like value with every string (keys included) redacted."""
+        return _Pass(self).value(obj)
+
+    def scrub(self, obj: Any) -> tuple[Any, int]:
+        """`value(obj)`, and how many secret forms or agent tokens it cut out."""
+        scrubbing = _Pass(self)
+        return scrubbing.value(obj), scrubbing.hits
+
+    def _subn(self, value: str) -> tuple[str, int]:
+        if len(value) >= SCAN_FIRST_LENGTH and not any(needle in value for needle in self._needles):
+            return value, 0
+        return self._pattern.subn(REPLACEMENT, value)
+
+
+class _Pass:
+    """One redaction of a JSON-like value, counting what it cuts out."""
+
+    def __init__(self, redactor: Redactor):
+        self._subn = redactor._subn
+        self.hits = 0
+
+    def text(self, value: str) -> str:
+        cleaned, hits = self._subn(value)
+        self.hits += hits
+        return cleaned
+
+    def value(self, obj: Any) -> Any:
         if isinstance(obj, str):
             return self.text(obj)
         if isinstance(obj, dict):
@@ -99,5 +123,6 @@ class Redactor:
             data = base64.b64decode(blob, validate=True).decode("latin-1")  # latin-1: every byte, one character
         except ValueError:
             return self.text(blob)
+        hits = self.hits
         cleaned = self.text(data)
-        return blob if cleaned == data else base64.b64encode(cleaned.encode("latin-1")).decode("ascii")
+        return blob if self.hits == hits else base64.b64encode(cleaned.encode("latin-1")).decode("ascii")

@@ -27,6 +27,7 @@ from mcp import MCPError
 from mcp.client.context import ClientRequestContext
 
 from tests.harness import ERAS, connect, modern_post
+from tests.security.conftest import audit
 from tests.security.invariants import Deployment, assert_invariants, leaks
 
 pytestmark = pytest.mark.anyio
@@ -50,8 +51,9 @@ async def exported_since(world: Deployment, before: int) -> None:
 @pytest.mark.parametrize("mode", ERAS)
 async def test_results_and_errors_echoing_the_credential(world: Deployment, mode: str) -> None:
     """Raw, base64, hex, URL-encoded, in a result, in a JSON-RPC error's message and data, in the environment;
-    and an agent token echoed back (anything shaped like one is scrubbed)."""
-    mark = exports(world)
+    and an agent token echoed back (anything shaped like one is scrubbed). Each call that had something cut out
+    is audited so (reason `credential_redacted`): the upstream echoed its credential."""
+    mark, since = exports(world), max((row["id"] for row in audit(world)), default=0)
     captured: list[Any] = []
     async with connect(world.url, world.tokens["a1"], mode) as client:
         await client.list_tools()  # listed: in the 2026 era the calls below take the fast path
@@ -66,6 +68,10 @@ async def test_results_and_errors_echoing_the_credential(world: Deployment, mode
     error_params = {"name": "echo_secret_encodings", "arguments": {"as_error": True}}
     reply = modern_post(world.url, "tools/call", error_params, world.tokens["a1"])
     assert '"error"' in reply.text and REDACTED in reply.text
+    calls = audit(world, "id > ? AND agent = 'a1' AND method = 'tools/call' AND error_code IS NULL", (since,))
+    assert [(row["target"], row["decision"], row["outcome"], row["reason"]) for row in calls] == [
+        (name, "allow", "ok", "credential_redacted") for name in ("echo_env", "echo_secret_encodings", "echo")
+    ]
     await exported_since(world, mark)
     assert_invariants(world, *captured, reply)
 
