@@ -78,6 +78,8 @@ class Redactor:
 
     def value(self, obj: Any) -> Any:
         """A copy of a JSON-like value with every string (keys included) redacted."""
+        if isinstance(obj, str):  # most calls (log records, span attributes): no pass to count in
+            return self.text(obj)
         return _Pass(self).value(obj)
 
     def scrub(self, obj: Any) -> tuple[Any, int]:
