@@ -621,14 +621,10 @@ class Gateway:
                 )
 
     def _finish(self, call: Invocation, result: ResultT) -> ResultT:
-        cleaned = self.clean_raw(call, result.model_dump(by_alias=True, exclude_none=True, mode="json"))
-        return type(result).model_validate(cleaned, by_name=False)
-
-    def clean_raw(self, call: Invocation, result: dict[str, Any]) -> dict[str, Any]:
-        """`scrubbed`, then `count_out` on the result's JSON size."""
-        cleaned = self.scrubbed(call, result)
+        """The SDK path's result, scrubbed and measured (the fast path measures the reply it encodes instead)."""
+        cleaned = self.scrubbed(call, result.model_dump(by_alias=True, exclude_none=True, mode="json"))
         self.count_out(call, len(json.dumps(cleaned, separators=(",", ":"))))
-        return cleaned
+        return type(result).model_validate(cleaned, by_name=False)
 
     def scrubbed(self, call: Invocation, result: dict[str, Any]) -> dict[str, Any]:
         """Redact brokered secrets and strip upstream identity keys from a result about to leave. A result that

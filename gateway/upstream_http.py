@@ -4,7 +4,7 @@ The SDK bounds each event of a streamed (SSE) reply (`max_sse_event_size`, which
 connector's `max_result_bytes`) but reads a plain JSON reply whole. This transport reads such a reply itself, at
 most `max_bytes` of it: a longer one is dropped unread and the request gets the gateway's RESULT_TOO_LARGE error
 in its place, so the gateway never holds more. It asks for uncompressed replies; one compressed all the same is
-counted as it arrives (compressed) and checked again, decompressed, once received (`Gateway.clean_raw`).
+counted as it arrives (compressed) and checked again, decompressed, once received (`Gateway.count_out`).
 """
 
 from __future__ import annotations
