@@ -3,7 +3,8 @@
 Group commit: `record()` builds the row in the caller, queues it and waits; one writer task takes all that is
 queued, appends it in one transaction (one fsync, synchronous=FULL) and then releases every waiting caller.
 Under load many calls share each commit, and a released caller's row is on disk, so `kill -9` loses no row
-whose reply was sent. A failed write makes `record()` raise, and the pipeline refuses the call.
+whose reply was sent. A failed write makes `record()` raise, and the pipeline refuses the call. The write-ahead
+log is copied into the database beside the writer, not in its commits (`_Checkpoints`).
 
 Arguments are stored as an HMAC-SHA256 digest under the gateway key (equal arguments, equal digest; the
 values stay private); raw arguments only for enclaves with `audit: {raw_arguments: true}`, redacted.
@@ -23,6 +24,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -48,6 +51,8 @@ from gateway.redact import Redactor
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
+CHECKPOINT_EVERY = 100  # commits; SQLite's own threshold (1,000 pages) came to about as many sequential calls
+WRITER_CHECKPOINT_PAGES = 2_000  # the writer's own checkpoint, for when the one beside it cannot finish the log
 
 
 class AuditError(Exception):
@@ -75,6 +80,7 @@ class AuditLog:
         self._redactor = redactor
         self._queue: deque[_Entry] | None = None
         self._wake: asyncio.Event  # set when something is queued or the log stops
+        self.checkpoints: _Checkpoints  # while running
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -82,8 +88,13 @@ class AuditLog:
         settings = self.config.settings
         loop = asyncio.get_running_loop()
         # The connection lives on one thread: opened, written and closed there, one call after another.
-        with ThreadPoolExecutor(1, thread_name_prefix="audit") as executor:
-            store = await loop.run_in_executor(executor, AuditStore.open, settings.state_dir, settings.audit_durability)
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="audit") as executor,
+            _Checkpoints(settings.state_dir, settings.audit_durability) as self.checkpoints,
+        ):
+            store = await loop.run_in_executor(
+                executor, AuditStore.open, settings.state_dir, settings.audit_durability, WRITER_CHECKPOINT_PAGES
+            )
             try:
                 await loop.run_in_executor(executor, store.end_sessions, time.time())
                 queue: deque[_Entry] = deque()
@@ -162,6 +173,8 @@ class AuditLog:
                 for entry in batch:
                     if not entry.done.cancelled():  # cancelled: its caller stopped waiting, the row is written
                         entry.done.set_result(committed)
+            if committed:
+                self.checkpoints.committed()
 
     def _row(self, call: Invocation) -> dict[str, Any]:
         digest = raw = None
@@ -201,6 +214,60 @@ class AuditLog:
                 "correlation_id": call.correlation_id,
             }
         )
+
+
+class _Checkpoints:
+    """Checkpoints of the write-ahead log every CHECKPOINT_EVERY commits of the writer, on a connection and a
+    thread of their own, so that no call waits for one.
+
+    Left to SQLite, the commit that takes the log past 1,000 pages copies it into the database before it returns:
+    every ~100th sequential call waited for that copy (and, with `audit_durability: normal`, for the only fsync).
+    Measured with `normal`, 3,500 single-row appends 2 ms apart, two runs each: p99 of an append 3.9 and 4.7 ms
+    that way, 1.4 and 1.7 ms with checkpoints beside the writer (with `full`, fsync's variance hides either). The log
+    starts over only once a checkpoint has copied all of it, which one beside a writer that never pauses cannot
+    do: then the writer's own checkpoint (WRITER_CHECKPOINT_PAGES) bounds it, as SQLite's did (32 clients calling
+    without pause: the log stays at 8 MB)."""
+
+    def __init__(self, state_dir: Path, durability: str):
+        self._open = partial(AuditStore.open, state_dir, durability)
+        self._store: AuditStore | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="audit-checkpoint")
+        self._commits = 0
+        self._running: asyncio.Future[None] | None = None
+
+    def __enter__(self) -> _Checkpoints:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """After the checkpoint in progress, if any."""
+        self._executor.submit(self._close)
+        self._executor.shutdown(wait=True)
+
+    def committed(self) -> None:
+        self._commits += 1
+        if self._commits >= CHECKPOINT_EVERY and self._running is None:
+            self._commits = 0
+            self._running = asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
+            self._running.add_done_callback(self._done)
+
+    async def settled(self) -> None:
+        """Wait for the checkpoint in progress, if any."""
+        if self._running is not None:
+            await asyncio.shield(self._running)
+
+    def _checkpoint(self) -> None:
+        if self._store is None:
+            self._store = self._open()
+        self._store.checkpoint()
+
+    def _done(self, running: asyncio.Future[None]) -> None:
+        self._running = None
+        if not running.cancelled() and (error := running.exception()) is not None:
+            logger.warning("audit log checkpoint failed; the writer's own checkpoint bounds the log: %s", error)
+
+    def _close(self) -> None:
+        if self._store is not None:
+            self._store.close()
 
 
 def _touch(call: Invocation, row: dict[str, Any]) -> SessionTouch | None:

@@ -223,12 +223,16 @@ class AuditStore:
         self.db = db
 
     @classmethod
-    def open(cls, state_dir: Path, durability: str = "full") -> AuditStore:
+    def open(cls, state_dir: Path, durability: str = "full", auto_checkpoint_pages: int | None = None) -> AuditStore:
+        """`auto_checkpoint_pages`: the size of the write-ahead log at which a commit on this connection copies it
+        into the database before it returns (SQLite's default, 1,000 pages, unless given)."""
         path = ensure_state_dir(state_dir) / DB_FILE
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # transactions are explicit
         for pragma in PRAGMAS:
             db.execute(pragma)
         db.execute(f"PRAGMA synchronous={'NORMAL' if durability == 'normal' else 'FULL'}")
+        if auto_checkpoint_pages is not None:
+            db.execute(f"PRAGMA wal_autocheckpoint={int(auto_checkpoint_pages)}")
         path.chmod(0o600)
         db.executescript(SCHEMA)
         return cls(db)
@@ -266,6 +270,11 @@ class AuditStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    def checkpoint(self) -> None:
+        """Copy what the write-ahead log holds into the database, without waiting for (or blocking) the writer;
+        the next write transaction then starts the log over, if nothing was committed meanwhile."""
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def end_sessions(self, at: float) -> None:
         """Handshake-era sessions do not outlive the gateway process that served them."""

@@ -27,8 +27,14 @@ import anyio
 import pytest
 from mcp import MCPError
 
+from gateway.audit import CHECKPOINT_EVERY, AuditLog
 from gateway.audit_store import AuditStore, typed_row
-from gateway.redact import variants
+from gateway.auth import Agent
+from gateway.config import load_config
+from gateway.invocation import Invocation
+from gateway.redact import Redactor, variants
+from gateway.state import DB_FILE
+from gateway.tokens import load_or_create_key
 from tests.conftest import build_topology
 from tests.harness import ERAS, EXAMPLES, ConfigDir, GatewayProcess, UpstreamLog, connect, python_server, raw_post
 
@@ -326,6 +332,31 @@ async def test_no_answered_call_is_lost_to_kill_9_under_load(tmp_path: Path) -> 
     assert in_flight > 0
     assert not lost, f"{len(lost)} of {len(answered)} answered calls have no audit row"
     assert config.cli("audit", "verify").stdout.startswith("ok: ")
+
+
+# -- the write-ahead log --------------------------------------------------------------------
+
+
+async def test_the_write_ahead_log_starts_over_once_checkpointed_beside_the_writer(tmp_path: Path) -> None:
+    """The writer's connection leaves checkpoints to the log's own thread (so no call waits for one); that
+    thread must keep the log from growing without end."""
+    root = ConfigDir(tmp_path).gateway(audit_durability="normal").enclave("e1", ["a1"], {})
+    config = load_config(root.root)
+    log = AuditLog(config, load_or_create_key(config.settings.state_dir), Redactor([]))
+    wal = config.settings.state_dir / f"{DB_FILE}-wal"
+
+    async def record(count: int) -> None:
+        for n in range(count):
+            agent = Agent("a1", "e1", None)
+            await log.record(Invocation("tools/call", "t", "2025-11-25", request_id=n, agent=agent, outcome="ok"))
+
+    async with log.running():
+        await record(CHECKPOINT_EVERY)  # the last commit starts a checkpoint
+        await log.checkpoints.settled()
+        size = wal.stat().st_size
+        await record(CHECKPOINT_EVERY // 2)  # fewer pages than before: they fit in the log started over
+        assert wal.stat().st_size == size
+    assert query(root.state_dir / DB_FILE, "SELECT count(*) AS n FROM audit")[0]["n"] == CHECKPOINT_EVERY * 3 // 2
 
 
 # -- no leaks -------------------------------------------------------------------------------
