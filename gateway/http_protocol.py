@@ -1,11 +1,12 @@
 """The HTTP/1.1 protocol agents talk to: uvicorn's, on its compiled parser (httptools) and event loop (uvloop)
-where they are installed, held to what h11 refuses, with every request its parser refuses audited, and, on the
-agents' Unix socket, with each connection attributed to its process (gateway.peers)."""
+where they are installed, held to what h11 refuses, with every request its parser refuses audited, a response's
+head and body sent in one write, and, on the agents' Unix socket, with each connection attributed to its process
+(gateway.peers)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -16,6 +17,67 @@ HEAD_TOO_LARGE = "Request header fields too large."
 PARSER_REFUSALS_KEY = "enclave.parser_refusals"
 """In the application's lifespan state: called with the reason of each request the HTTP parser refuses."""
 ParserRefusals = Callable[[str], None]
+
+
+class CoalescedWrites:
+    """In front of uvicorn's HTTP protocol (either parser): what is written to the connection in one pass of the
+    event loop goes out in one `write`.
+
+    uvicorn writes a response's status line and headers when the application starts the response, and its body
+    when that is sent: two system calls, and on loopback two TCP segments, each carried through the kernel's TCP
+    stack to the agent's socket (and waking its reader) inside the call. Those writes were 11% of the event loop
+    thread's CPU samples (perf, sequential tool calls). Measured with one gateway, blocks of 300 calls on fresh
+    connections alternating with and without: the loop thread's CPU per call 1.85 -> 1.73 and 1.72 -> 1.62 ms,
+    p50 6.93 -> 6.70 and 6.49 -> 6.37 ms (16 and 20 blocks each). An application that sends the head and then
+    waits (a stream) still has the head on the wire in the next pass of the loop."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(_CoalescingTransport(transport))  # type: ignore[misc]
+
+
+class _CoalescingTransport:
+    """A transport whose writes are held until the event loop's next pass, then written at once (see
+    `CoalescedWrites`); closing writes what is held first. Everything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if self._transport.is_closing():  # as before: the transport's own answer to a late write
+            self._transport.write(data)
+            return
+        if not self._held:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._held.append(data if type(data) is bytes else bytes(data))  # a caller may reuse a mutable buffer
+
+    def writelines(self, list_of_data: Iterable[bytes]) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(data) for data in self._held)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held.clear()
+        self._transport.abort()
+
+    def _flush(self) -> None:
+        if self._held:
+            data, self._held = b"".join(self._held), []
+            if not self._transport.is_closing():  # else the connection was lost meanwhile: as if sent before
+                self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class AuditedRefusals:
@@ -86,16 +148,18 @@ def http_and_loop() -> tuple[type[asyncio.Protocol], str]:
     """uvicorn's HTTP protocol and event loop: httptools (made strict) and uvloop, compiled, where they are
     installed (declared dependencies: together they take about 15% off the gateway's CPU per tool call),
     else h11 and asyncio, e.g. on Windows, where uvloop does not exist; either protocol with its refusals
-    audited. Named rather than left to uvicorn's "auto", so that the parser facing agents is one the
-    transport tests ran against."""
+    audited and its writes coalesced. Named rather than left to uvicorn's "auto", so that the parser facing
+    agents is one the transport tests ran against."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # httptools is not installed
         from uvicorn.protocols.http.h11_impl import H11Protocol
 
-        http = type("AuditedH11Protocol", (AuditedRefusals, H11Protocol), {})
+        http = type("AuditedH11Protocol", (CoalescedWrites, AuditedRefusals, H11Protocol), {})
     else:
-        http = type("StrictHttpToolsProtocol", (AuditedRefusals, StrictHttpTools, HttpToolsProtocol), {})
+        http = type(
+            "StrictHttpToolsProtocol", (CoalescedWrites, AuditedRefusals, StrictHttpTools, HttpToolsProtocol), {}
+        )
     try:
         import uvloop  # noqa: F401
     except ImportError:
