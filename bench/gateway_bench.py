@@ -138,8 +138,11 @@ def otlp_receiver() -> Iterator[tuple[str, Callable[[], int]]]:
         output, _ = process.communicate()
         return int(output)
 
+    url = process.stdout.readline().strip()
+    if not url:
+        raise SystemExit(f"bench/otlp_sink.py did not start (exit code {process.wait()}); its error is above")
     try:
-        yield process.stdout.readline().strip(), spans_received
+        yield url, spans_received
     finally:
         if process.poll() is None:
             process.kill()
