@@ -148,7 +148,8 @@ class AuditLog:
 
     def _write(self, store: AuditStore, queue: SimpleQueue[_Entry | None], loop: asyncio.AbstractEventLoop) -> None:
         """On the log's thread, until it takes the None that stops it: append what is queued, up to MAX_BATCH
-        entries in one transaction (one fsync), then release their callers on the event loop."""
+        entries in one transaction (one fsync), then release their callers on the event loop. A failed append
+        releases them with False; nothing else here can raise while the loop runs, so no caller is left waiting."""
         while True:
             batch: list[_Entry] = []
             entry = queue.get()  # blocks until something is queued
