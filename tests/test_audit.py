@@ -359,6 +359,18 @@ async def test_the_write_ahead_log_starts_over_once_checkpointed_beside_the_writ
     assert query(root.state_dir / DB_FILE, "SELECT count(*) AS n FROM audit")[0]["n"] == CHECKPOINT_EVERY * 3 // 2
 
 
+async def test_a_parser_refusal_outside_the_logs_lifetime_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The HTTP parser reports its 400s from inside the protocol, which can run in the moment before the log
+    starts or after it stops: the refusal stands, and what could not be audited is said in the log."""
+    root = ConfigDir(tmp_path).enclave("e1", ["a1"], {})
+    config = load_config(root.root)
+    log = AuditLog(config, load_or_create_key(config.settings.state_dir), Redactor([]))
+    log.record_parser_refusal("malformed_http")
+    assert "could not audit a request the HTTP parser refused (malformed_http)" in caplog.text
+
+
 # -- no leaks -------------------------------------------------------------------------------
 
 
