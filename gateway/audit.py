@@ -106,6 +106,7 @@ class AuditLog:
                     self._queue = None
                     queue.put(None)  # after everything queued: the writer commits it, then stops
                     await asyncio.shield(writer)
+                    await self.checkpoints.settled()  # rather than block the event loop on it below
             finally:
                 executor.submit(store.close)  # after any write still running; the executor's exit waits for it
 
@@ -255,9 +256,9 @@ class _Checkpoints:
             self._running.add_done_callback(self._done)
 
     async def settled(self) -> None:
-        """Wait for the checkpoint in progress, if any."""
+        """Wait for the checkpoint in progress, if any (a failure is logged, not raised)."""
         if self._running is not None:
-            await asyncio.shield(self._running)
+            await asyncio.wait([self._running])
 
     def _checkpoint(self) -> None:
         if self._store is None:
