@@ -11,13 +11,12 @@ the machine's load hits both alike. Tracing is off. Prints each one's CPU per ca
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, chdir, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,8 @@ def worktree(rev: str) -> Iterator[Path]:
 
 
 async def compare(trees: dict[str, Path], blocks: int, calls: int, era: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        # `python -m gateway` looks in its working directory first: run the gateways where there is none.
-        os.chdir(tmp)
+    # `python -m gateway` looks in its working directory first: run the gateways where there is none.
+    with tempfile.TemporaryDirectory() as tmp, chdir(tmp), ExitStack() as stack:
         processes = {
             name: stack.enter_context(gateway(Path(tmp) / name, {}, "full", {"PYTHONPATH": str(tree)}))
             for name, tree in trees.items()

@@ -334,16 +334,21 @@ async def test_no_answered_call_is_lost_to_kill_9_under_load(tmp_path: Path) -> 
     assert config.cli("audit", "verify").stdout.startswith("ok: ")
 
 
-# -- the write-ahead log --------------------------------------------------------------------
+# -- the log in the test's own process -------------------------------------------------------
+
+
+def in_process_log(root: ConfigDir) -> AuditLog:
+    """The gateway's audit log on `root`'s state directory, for what a gateway process cannot be made to show."""
+    config = load_config(root.root)
+    return AuditLog(config, load_or_create_key(root.state_dir), Redactor([]))
 
 
 async def test_the_write_ahead_log_starts_over_once_checkpointed_beside_the_writer(tmp_path: Path) -> None:
     """The writer's connection leaves checkpoints to the log's own thread (so no call waits for one); that
     thread must keep the log from growing without end."""
     root = ConfigDir(tmp_path).gateway(audit_durability="normal").enclave("e1", ["a1"], {})
-    config = load_config(root.root)
-    log = AuditLog(config, load_or_create_key(config.settings.state_dir), Redactor([]))
-    wal = config.settings.state_dir / f"{DB_FILE}-wal"
+    log = in_process_log(root)
+    wal = root.state_dir / f"{DB_FILE}-wal"
 
     async def record(count: int) -> None:
         for n in range(count):
@@ -364,9 +369,7 @@ async def test_a_parser_refusal_outside_the_logs_lifetime_is_logged_not_raised(
 ) -> None:
     """The HTTP parser reports its 400s from inside the protocol, which can run in the moment before the log
     starts or after it stops: the refusal stands, and what could not be audited is said in the log."""
-    root = ConfigDir(tmp_path).enclave("e1", ["a1"], {})
-    config = load_config(root.root)
-    log = AuditLog(config, load_or_create_key(config.settings.state_dir), Redactor([]))
+    log = in_process_log(ConfigDir(tmp_path).enclave("e1", ["a1"], {}))
     log.record_parser_refusal("malformed_http")
     assert "could not audit a request the HTTP parser refused (malformed_http)" in caplog.text
 
