@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -200,6 +201,13 @@ class UpstreamLog:
         return [m for m in self.messages() if m["method"] == method]
 
 
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 @cache
 def http() -> httpx2.Client:
     """One shared client for raw requests: building one costs ~0.2 s (its TLS context), even for plain HTTP."""
@@ -220,9 +228,13 @@ def raw_post(url: str, body: dict[str, Any] | str, token: str | None = None, **h
     return http().post(url, content=content, headers=all_headers)
 
 
-def legacy_session(url: str, token: str) -> dict[str, str]:
+def legacy_session(url: str, token: str, capabilities: dict[str, Any] | None = None) -> dict[str, str]:
     """Open a 2025-11-25 (handshake era) session by hand; returns the headers that address it."""
-    hello = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}
+    hello = {
+        "protocolVersion": "2025-11-25",
+        "capabilities": capabilities or {},
+        "clientInfo": {"name": "raw", "version": "0"},
+    }
     response = raw_post(url, {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}, token)
     assert response.status_code == 200, response.text
     session = {"Mcp-Session-Id": response.headers["mcp-session-id"]}

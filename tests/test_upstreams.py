@@ -6,10 +6,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -28,6 +26,7 @@ from tests.harness import (
     free_port,
     python_server,
     running,
+    wait_for,
 )
 
 pytestmark = pytest.mark.anyio
@@ -36,13 +35,6 @@ pytestmark = pytest.mark.anyio
 def text(result: CallToolResult) -> str:
     assert isinstance(result.content[0], TextContent)
     return result.content[0].text
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # -- crash and hang ----------------------------------------------------------------------------------

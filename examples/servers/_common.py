@@ -1,8 +1,8 @@
 """Shared plumbing for the example upstream servers.
 
 * argv: serve stdio by default, or Streamable HTTP on `127.0.0.1:PORT/mcp` with `--http PORT`.
-* `UPSTREAM_LOG=<path>`: append `{"method": ..., "params": ...}` as one JSON line per inbound
-  request or notification, flushed at once, so tests can count what reached the upstream.
+* `UPSTREAM_LOG=<path>`: append `{"method": ..., "params": ..., "id": ...}` as one JSON line per inbound
+  request or notification (`id` null), flushed at once, so tests can count what reached the upstream.
 * `OTEL_EXPORTER_OTLP_ENDPOINT`: export the SDK's SERVER spans over OTLP/HTTP, with the service name
   from `OTEL_SERVICE_NAME` or else the server name.
 """
@@ -29,7 +29,7 @@ class MessageLog:
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the life of the process
 
     async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-        self._file.write(json.dumps({"method": ctx.method, "params": ctx.params}) + "\n")
+        self._file.write(json.dumps({"method": ctx.method, "params": ctx.params, "id": ctx.request_id}) + "\n")
         self._file.flush()
         return await call_next(ctx)
 
