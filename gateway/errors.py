@@ -8,7 +8,7 @@ and nowhere else, so a hidden name and a name that exists nowhere get byte-ident
 from __future__ import annotations
 
 from mcp import MCPError
-from mcp_types import INTERNAL_ERROR, INVALID_PARAMS
+from mcp_types import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST
 
 from gateway.invocation import Denied
 
@@ -52,6 +52,10 @@ def result_too_large(connector: str | None, limit: int) -> MCPError:
 
 def upstream_timeout(connector: str) -> str:
     return f"Upstream server '{connector}' did not answer in time; the request was cancelled"
+
+
+def too_many_input_rounds(limit: int) -> MCPError:
+    return MCPError(INVALID_REQUEST, f"Upstream asked for input more than {limit} times; gave up")
 
 
 def invalid_arguments(tool: str, field: str, problem: str) -> Denied:

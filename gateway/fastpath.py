@@ -1,18 +1,27 @@
-"""The fast path: `tools/call` of the stateless 2026-07-28 era, served without the SDK's server machinery.
+"""The fast path: `tools/call` served without the SDK's server machinery, in both protocol eras.
 
 Why: a gateway sits on every tool call. Through the SDK's full server (middleware chain, per-request
 dispatch context, pydantic params and result models) and its full client session on the upstream hop, a
 call costs several milliseconds of gateway CPU on these machines; the product's budget is 0.5 ms.
 
 What it is: an ASGI front of the /mcp endpoint that serves a request only when it can prove the SDK would
-accept it, and hands everything else (every other method, the handshake era, any request the SDK's
-validation ladder would reject, progress, Mcp-Param headers, chambered tools, a view not listed yet)
-to the SDK application unchanged, body included. The checks it runs are the SDK's own functions (transport
-security, Accept, routing-header duplicates, the modern envelope ladder, result serialisation for the
-agent's protocol version), and the decision steps are the gateway's one pipeline (`authorize_tool`,
-`recording`, redaction). tests/test_fastpath.py compares its replies with the SDK path's. It sits behind the
-agent guard (gateway.guard), which reads and strictly decodes the body for both paths: the fast path serves
-only a message the guard decoded, so both paths act on the same one.
+accept it, and hands everything else (every other method, any request the SDK's validation ladder would
+reject, progress, Mcp-Param headers, chambered tools, a view not listed yet) to the SDK application
+unchanged, body included. It serves:
+
+* a stateless 2026-07-28 request, after the SDK's own checks (transport security, Accept, routing-header
+  duplicates, the modern envelope ladder), answered with JSON;
+* a request on an open handshake-era session that the SDK path has already served for the same agent, from a
+  client that declared none of the capabilities an upstream may ask of it mid-call (elicitation, sampling,
+  roots: those need the session's back-channel), after the SDK transport's checks (transport security, Accept,
+  Content-Type, the JSON-RPC envelope, the method's params for the negotiated version), answered over SSE as
+  the transport answers (gateway.handshake keeps what the session needs meanwhile).
+
+The decision steps are the gateway's one pipeline (`authorize_tool`, `recording`, redaction), and the result
+is serialised by the SDK's function for the agent's protocol version. tests/test_fastpath.py compares its
+replies with the SDK path's, in both eras. It sits behind the agent guard (gateway.guard), which reads and
+strictly decodes the body for both paths: the fast path serves only a message the guard decoded, so both
+paths act on the same one.
 
 It is written on plain asyncio where it waits (the disconnect watch here, the stdio lane, the audit commit),
 not anyio: the server runs on asyncio only, and every anyio primitive (cancel scope, task group, event)
@@ -27,7 +36,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from mcp.server.runner import modern_error_data
-from mcp.server.streamable_http import check_accept_headers
+from mcp.server.streamable_http import REQUEST_CANCELLED, check_accept_headers
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.inbound import (
     ERROR_CODE_HTTP_STATUS,
@@ -36,16 +45,21 @@ from mcp.shared.inbound import (
     classify_inbound_request,
     find_duplicated_routing_header,
 )
-from mcp_types import methods
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from mcp.shared.jsonrpc_dispatcher import handler_exception_to_error_data
+from mcp_types import ErrorData, JSONRPCRequest, jsonrpc_message_adapter, methods
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway import telemetry
+from gateway import errors, telemetry
+from gateway.auth import Agent
 from gateway.guard import AGENT_KEY, MESSAGE_KEY
+from gateway.handshake import EventStream, SessionCalls
 from gateway.invocation import Invocation
 from gateway.peers import process_of
-from gateway.pipeline import Gateway, forwardable_meta
+from gateway.pipeline import INPUT_CAPABILITIES, MAX_INPUT_ROUNDS, Gateway, forwardable_meta
+from gateway.upstream import PushTarget
 
 SERVER_INFO_META_KEY = "io.modelcontextprotocol/serverInfo"
 _PARAM_PREFIX = MCP_PARAM_HEADER_PREFIX.lower().encode()
@@ -63,84 +77,154 @@ class FastPath:
         security: TransportSecuritySettings,
         path: str,
         server_info: dict[str, Any],
+        sessions: SessionCalls,
     ):
         self.slow = slow
         self.gateway = gateway
         self.security = TransportSecurityMiddleware(security)
         self.path = path
         self.server_info = server_info
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The body, as the agent guard in front decoded it (strictly) for an authenticated agent's POST.
         message = scope.get(MESSAGE_KEY)
-        if message is None or not self._candidate(scope) or not await self._serve(scope, receive, send, message):
+        if message is None or not await self._served(scope, receive, send, message):
             await self.slow(scope, receive, send)
 
-    def _candidate(self, scope: Scope) -> bool:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
-            return False
-        version = next((v for k, v in scope["headers"] if k == b"mcp-protocol-version"), b"").decode("latin-1")
-        return version in MODERN_PROTOCOL_VERSIONS and not any(k.startswith(_PARAM_PREFIX) for k, _ in scope["headers"])
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, message: dict[str, Any]) -> bool:
+    async def _served(self, scope: Scope, receive: Receive, send: Send, message: dict[str, Any]) -> bool:
         """Serve the request and return True, or return False (having sent nothing) to hand it on."""
-        if message.get("method") != "tools/call" or "id" not in message:
+        if scope["method"] != "POST" or scope["path"] != self.path:
             return False
-        params = message.get("params")
-        if not isinstance(params, dict) or not isinstance(params.get("name"), str):
+        if any(k.startswith(_PARAM_PREFIX) for k, _ in scope["headers"]):
             return False
-        arguments = params.get("arguments", {})
-        meta = params.get("_meta")
-        if not isinstance(arguments, dict) or (isinstance(meta, dict) and "progressToken" in meta):
-            return False
-        if "inputResponses" in params or "requestState" in params:  # an input_required retry: left to the SDK path
-            return False
+        version = _header(scope, b"mcp-protocol-version")
+        if version in MODERN_PROTOCOL_VERSIONS:
+            return await self._serve_stateless(scope, receive, send, message)
+        session_id = _header(scope, b"mcp-session-id")
+        if version in HANDSHAKE_PROTOCOL_VERSIONS and session_id:
+            return await self._serve_in_session(scope, receive, send, message, session_id)
+        return False
 
-        request = Request(scope, receive)
-        if await self.security.validate_request(request, is_post=True) is not None:
+    async def _serve_stateless(self, scope: Scope, receive: Receive, send: Send, message: dict[str, Any]) -> bool:
+        """A 2026-07-28 request."""
+        if (parsed := _tool_call(message)) is None:
             return False
-        if check_accept_headers(request) != (True, True) or find_duplicated_routing_header(request.headers.items()):
+        name, arguments, meta = parsed
+        request = Request(scope, receive)
+        if not await self._transport_accepts(request) or find_duplicated_routing_header(request.headers.items()):
             return False
         verdict = classify_inbound_request(message, headers=dict(request.headers))
         if not isinstance(verdict, InboundModernRoute):
             return False
         agent = scope[AGENT_KEY]
-        view = self.gateway.views.get(agent.enclave)
-        tool = view.cached_tool(params["name"]) if view is not None else None
-        if tool is None or not tool.fast or self.gateway.chambers.chambers_of(agent.enclave, "tool", tool.name):
+        if not self._serves_tool(agent, name):
             return False
-
-        call = Invocation(
-            method="tools/call",
-            target=tool.name,
-            protocol_version=verdict.protocol_version,
-            request_id=message["id"],
-            agent=agent,
-            process=process_of(scope),
-        )
+        call = self._invocation(scope, message, verdict.protocol_version)
         if isinstance(verdict.client_info, dict):
             call.client_name, call.client_version = verdict.client_info.get("name"), verdict.client_info.get("version")
         with telemetry.server_span(call, meta):  # the SDK's OpenTelemetryMiddleware is not on this path
-            outcome = await _unless_disconnected(receive, self._call(call, arguments, meta, verdict))
+            outcome = await _unless_disconnected(
+                receive, self._call(call, arguments, meta, verdict.client_capabilities)
+            )
         if outcome is not None:
             await self._respond(send, message["id"], outcome)
         return True
 
+    async def _serve_in_session(
+        self, scope: Scope, receive: Receive, send: Send, message: dict[str, Any], session_id: str
+    ) -> bool:
+        """A request on a handshake-era session."""
+        agent = scope[AGENT_KEY]
+        session = self.gateway.handshake_session(session_id, agent)
+        transport = self.sessions.transport(session_id)
+        if session is None or transport is None:
+            return False
+        if message.get("method") == "notifications/cancelled":
+            self.sessions.cancel(session_id, message.get("params"))
+            return False  # the SDK path acknowledges it (202), as for any notification
+        if (parsed := _tool_call(message)) is None:
+            return False
+        name, arguments, meta = parsed
+        connection = session._connection  # private to mcp 2.3 (pinned): the session's negotiated state
+        declared = connection.client_capabilities
+        if declared is not None and any(getattr(declared, kind) is not None for kind in INPUT_CAPABILITIES):
+            return False
+        request = Request(scope, receive)
+        if not await self._transport_accepts(request) or not transport._check_content_type(request):
+            return False
+        version = connection.protocol_version
+        try:
+            if not isinstance(jsonrpc_message_adapter.validate_python(message, by_name=False), JSONRPCRequest):
+                return False
+            methods.validate_client_request("tools/call", version, message["params"])
+        except (ValidationError, KeyError):
+            return False
+        if self.sessions.in_flight(session_id, message["id"]) or not self._serves_tool(agent, name):
+            return False
+        call = self._invocation(scope, message, version)
+        call.session_id = session_id
+        if (client := connection.client_params) is not None:
+            call.client_name, call.client_version = client.client_info.name, client.client_info.version
+        push = self.gateway.pushed_to(session, version, message["id"])
+        stream = EventStream(send, session_id)
+        try:
+            with telemetry.server_span(call, meta):
+                served = self._call(call, arguments, meta, declared, push)
+                outcome = await self.sessions.run(transport, message["id"], served)
+            await stream.answer(_in_session_reply(message["id"], outcome))
+        finally:
+            stream.close()
+        return True
+
+    async def _transport_accepts(self, request: Request) -> bool:
+        """The transport checks both eras' SDK paths run first: DNS-rebinding protection, then Accept."""
+        if await self.security.validate_request(request, is_post=True) is not None:
+            return False
+        return check_accept_headers(request) == (True, True)
+
+    def _serves_tool(self, agent: Agent, name: str) -> bool:
+        """Whether the agent's view has listed `name` already, and it is a tool this path may call: no
+        Mcp-Param arguments, not in a chamber (whose check may ask the agent's user: the SDK path's business)."""
+        view = self.gateway.views.get(agent.enclave)
+        tool = view.cached_tool(name) if view is not None else None
+        if tool is None or not tool.fast:
+            return False
+        return not self.gateway.chambers.chambers_of(agent.enclave, "tool", tool.name)
+
+    def _invocation(self, scope: Scope, message: dict[str, Any], protocol_version: str) -> Invocation:
+        call = Invocation(
+            method="tools/call",
+            target=message["params"]["name"],
+            protocol_version=protocol_version,
+            request_id=message["id"],
+            agent=scope[AGENT_KEY],
+            process=process_of(scope),
+        )
+        if (length := _header(scope, b"content-length")).isdigit():
+            call.bytes_in = int(length)
+        return call
+
     async def _call(
-        self, call: Invocation, arguments: dict[str, Any], meta: Any, verdict: InboundModernRoute
+        self, call: Invocation, arguments: dict[str, Any], meta: Any, declared: Any, push: PushTarget | None = None
     ) -> str | Exception:
         """The pipeline for one call; returns the result encoded as JSON (encoded once, and measured as encoded,
-        inside the audited scope), or the exception that becomes the error reply."""
+        inside the audited scope), or the exception that becomes the error reply. `declared`: what the agent's
+        client can be asked (its capabilities); `push`: where the upstream's own requests for input go."""
         try:
             async with self.gateway.recording(call):
                 tool = await self.gateway.authorize_tool(call, call.target or "", arguments)
                 upstream_params: dict[str, Any] = {"name": tool.upstream_name, "arguments": arguments}
                 if forwarded := forwardable_meta(meta):
                     upstream_params["_meta"] = forwarded
-                raw = await self.gateway.pool[tool.connector].send_raw("tools/call", upstream_params)
+                raw = await self.gateway.pool[tool.connector].send_raw("tools/call", upstream_params, push)
                 if methods.is_input_required(raw):
-                    requests = raw.get("inputRequests") or {}
-                    self.gateway.check_input_capabilities(verdict.client_capabilities, requests)
+                    self.gateway.check_input_capabilities(declared, raw.get("inputRequests") or {})
+                    if call.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+                        # Not reached with real requests: this path serves only clients that declared none of the
+                        # capabilities (checked above). An upstream asking for nothing gets what the SDK path
+                        # ends with after re-asking it.
+                        raise errors.too_many_input_rounds(MAX_INPUT_ROUNDS)
                 encoded = json.dumps(self._for_agent(call, self.gateway.scrubbed(call, raw)), separators=(",", ":"))
                 self.gateway.count_out(call, len(encoded))
                 return encoded
@@ -154,20 +238,62 @@ class FastPath:
             result.setdefault("resultType", "complete")
             result.setdefault("isError", False)
         dumped = methods.serialize_server_result("tools/call", call.protocol_version, result)
-        dumped["_meta"] = {**dumped.get("_meta", {}), SERVER_INFO_META_KEY: self.server_info}
+        if call.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            dumped["_meta"] = {**dumped.get("_meta", {}), SERVER_INFO_META_KEY: self.server_info}
         return dumped
 
     async def _respond(self, send: Send, request_id: Any, outcome: str | Exception) -> None:
         if isinstance(outcome, Exception):
             error = modern_error_data(outcome).model_dump(mode="json", by_alias=True, exclude_none=True)
             status = ERROR_CODE_HTTP_STATUS.get(error["code"], 200)
-            payload = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}, separators=(",", ":")).encode()
-        else:  # both parts are JSON already: the result is not encoded a second time
+            payload = _error_message(request_id, error)
+        else:
             status = 200
-            payload = b'{"jsonrpc":"2.0","id":%b,"result":%b}' % (json.dumps(request_id).encode(), outcome.encode())
+            payload = _result_message(request_id, outcome)
         headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    return next((v for k, v in scope["headers"] if k == name), b"").decode("latin-1")
+
+
+def _tool_call(message: dict[str, Any]) -> tuple[str, dict[str, Any], Any] | None:
+    """A `tools/call` request's tool name, arguments and `_meta`, if this path may serve it."""
+    if message.get("method") != "tools/call" or "id" not in message:
+        return None
+    params = message.get("params")
+    if not isinstance(params, dict) or not isinstance(params.get("name"), str):
+        return None
+    arguments = params.get("arguments", {})
+    meta = params.get("_meta")
+    if not isinstance(arguments, dict) or (isinstance(meta, dict) and "progressToken" in meta):
+        return None
+    if "inputResponses" in params or "requestState" in params:  # an input_required retry: left to the SDK path
+        return None
+    return params["name"], arguments, meta
+
+
+def _result_message(request_id: Any, result: str) -> bytes:
+    """Both parts are JSON already: the result is not encoded a second time."""
+    return b'{"jsonrpc":"2.0","id":%b,"result":%b}' % (json.dumps(request_id).encode(), result.encode())
+
+
+def _error_message(request_id: Any, error: dict[str, Any]) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}, separators=(",", ":")).encode()
+
+
+def _in_session_reply(request_id: Any, outcome: str | Exception | None) -> bytes:
+    """The response message on a handshake-era session, as the SDK's dispatcher would write it (None: the call
+    was cancelled, which the SDK's transport answers with REQUEST_CANCELLED)."""
+    if isinstance(outcome, str):
+        return _result_message(request_id, outcome)
+    if outcome is None:
+        error = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
+    else:
+        error = handler_exception_to_error_data(outcome) or ErrorData(code=0, message=str(outcome))
+    return _error_message(request_id, error.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
 async def _unless_disconnected(receive: Receive, call: Awaitable[T]) -> T | None:

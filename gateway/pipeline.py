@@ -70,6 +70,7 @@ _PUSHED_REQUESTS: dict[str, type[BaseModel]] = {
     "sampling/createMessage": types.CreateMessageRequest,
 }
 _INPUT_CAPABILITY = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
+INPUT_CAPABILITIES = tuple(_INPUT_CAPABILITY.values())  # what an upstream may need to ask an agent's client
 _UPSTREAM_REASONS = {
     errors.UPSTREAM_UNAVAILABLE: "upstream_unavailable",
     errors.UPSTREAM_TIMEOUT: "upstream_timeout",
@@ -181,6 +182,16 @@ class Gateway:
             if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
                 self._legacy_sessions[session_id] = (user.agent, ctx.session)
                 self._session_seen[session_id] = time.monotonic()
+
+    def handshake_session(self, session_id: str, agent: Agent) -> ServerSession | None:
+        """The open handshake-era session `session_id` as the SDK path last served `agent` on it (marked as seen
+        now), for the fast path; None if the SDK path has served no request of `agent` on it (which it would have
+        refused to any other agent than the session's creator)."""
+        entry = self._legacy_sessions.get(session_id)
+        if entry is None or entry[0].name != agent.name:
+            return None
+        self._session_seen[session_id] = time.monotonic()
+        return entry[1]
 
     def view_of(self, call: Invocation) -> EnclaveView:
         assert call.agent is not None
@@ -515,24 +526,25 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self.pool[connector].unsubscribe(uri)
 
-    def _pushed_to(self, ctx: ServerRequestContext[Any, Any]) -> PushTarget:
-        """Where a handshake-era upstream's request for input (elicitation, sampling) goes when it belongs to this
-        agent request (see `Upstream._pushed`): to this agent, redacted like a result, if it declared it can answer.
-        Whatever fails is answered to the upstream as an error; the agent's request goes on."""
+    def pushed_to(self, session: ServerSession, protocol_version: str, request_id: Any) -> PushTarget:
+        """Where a handshake-era upstream's request for input (elicitation, sampling) goes when it belongs to the
+        agent request `request_id` on `session` (see `Upstream._pushed`): to this agent, redacted like a result, if
+        it declared it can answer. Whatever fails is answered to the upstream as an error; the agent's request
+        goes on."""
 
         async def ask(method: str, params: BaseModel) -> Any:
             data = self.redactor.value(params.model_dump(by_alias=True, exclude_none=True, mode="json"))
             request = _PUSHED_REQUESTS[method].model_validate({"method": method, "params": data})
             try:
-                self.check_input_capabilities(ctx.session.client_capabilities, {method: request})
-                if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                self.check_input_capabilities(session.client_capabilities, {method: request})
+                if protocol_version in MODERN_PROTOCOL_VERSIONS:
                     raise MCPError(
                         INVALID_REQUEST,
                         f"This upstream asks its client directly ({method}), which a 2026-07-28 client cannot be "
                         "asked; connect in the 2025-11-25 era to use it",
                     )
-                metadata = ServerMessageMetadata(related_request_id=ctx.request_id)
-                return await ctx.session.send_request(request, _INPUT_RESULT_TYPES[method], metadata=metadata)
+                metadata = ServerMessageMetadata(related_request_id=request_id)
+                return await session.send_request(request, _INPUT_RESULT_TYPES[method], metadata=metadata)
             except MCPError as exc:
                 return exc.error
 
@@ -562,7 +574,7 @@ class Gateway:
         upstream = self.pool[connector]
 
         async def send(responses: Any, state: str | None) -> Any:
-            async with upstream.request(self._pushed_to(ctx)) as session:
+            async with upstream.request(self.pushed_to(ctx.session, ctx.protocol_version, ctx.request_id)) as session:
                 return await request(session, responses, state)
 
         result = await self._with_input(ctx, send, clearance.input_responses, clearance.request_state)
@@ -599,7 +611,7 @@ class Gateway:
             }
             result = await send(answers, result.request_state)
         if isinstance(result, types.InputRequiredResult):
-            raise MCPError(INVALID_REQUEST, f"Upstream asked for input more than {MAX_INPUT_ROUNDS} times; gave up")
+            raise errors.too_many_input_rounds(MAX_INPUT_ROUNDS)
         return result
 
     def _redacted(self, model: ResultT) -> ResultT:

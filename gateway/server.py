@@ -35,6 +35,7 @@ from gateway.auth import AgentDirectory, BearerBackend
 from gateway.config import MCP_PATH, Config, ListenSettings, base_url
 from gateway.fastpath import FastPath
 from gateway.guard import AgentGuard
+from gateway.handshake import SessionCalls
 from gateway.http_protocol import PARSER_REFUSALS_KEY, ParserRefusals
 from gateway.lifecycle import ConfigReloader
 from gateway.pipeline import Gateway
@@ -186,6 +187,11 @@ def build_app(
         middleware=[Middleware(AuthenticationMiddleware, backend=backend), Middleware(AuthContextMiddleware)],
         lifespan=lifespan,
     )
-    paths = FastPath(app, gateway, security, MCP_PATH, server.server_info_stamp) if settings.fast_path else app
     # The SDK's registry of open handshake-era sessions (a private member, pinned by mcp==2.3.*).
-    return AgentGuard(paths, gateway, backend, settings.limits, MCP_PATH, sessions._server_instances)
+    open_sessions = sessions._server_instances
+    if settings.fast_path:
+        calls = SessionCalls(open_sessions)
+        paths: ASGIApp = FastPath(app, gateway, security, MCP_PATH, server.server_info_stamp, calls)
+    else:
+        paths = app
+    return AgentGuard(paths, gateway, backend, settings.limits, MCP_PATH, open_sessions)

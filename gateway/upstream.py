@@ -264,8 +264,9 @@ class Upstream:
             del self._in_flight[flight]
             telemetry.current_upstream.reset(hop)
 
-    async def send_raw(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Send one request as plain JSON and return the raw result dict (the fast path's upstream hop).
+    async def send_raw(self, method: str, params: dict[str, Any], push: PushTarget | None = None) -> dict[str, Any]:
+        """Send one request as plain JSON and return the raw result dict (the fast path's upstream hop); `push`
+        as for `request`.
 
         `ClientSession.send_request` builds and validates pydantic models on both sides of the call; the fast
         path does without them. It still stamps the request exactly as the SDK does for the negotiated era
@@ -277,13 +278,13 @@ class Upstream:
         session = await self.session()
         lane = self._lane
         if lane is None:
-            async with self.request() as session:
+            async with self.request(push) as session:
                 stamped, options = _stamped(session, method, params)
                 return await session._dispatcher.send_raw_request(method, stamped, options)  # type: ignore[arg-type]
         stamped, _ = _stamped(session, method, params)
         request_id = lane.new_id()
         flight = object()
-        self._in_flight[flight] = None  # no agent to ask: what the upstream asks meanwhile is refused
+        self._in_flight[flight] = push
         try:
             with telemetry.upstream_span(self, method, request_id, stamped):
                 try:

@@ -1,9 +1,10 @@
-"""The fast path answers exactly as the SDK path does.
+"""The fast path answers exactly as the SDK path does, in both protocol eras.
 
 Two gateways serve the same configuration, one with `fast_path: false`, so every request below takes the
 SDK's full server on one and the fast path on the other; status, headers that matter and JSON-RPC bodies
 must be equal. Upstreams of both eras sit behind them: design_db (mcp 2.3 MCPServer, negotiates
-2026-07-28) and server-everything (TypeScript SDK, handshake era).
+2026-07-28) and server-everything (TypeScript SDK, handshake era). Which path served a call shows at the
+upstream: the fast path's requests carry the stdio lane's string ids (`enclave-<n>`), the SDK's integers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,19 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.harness import EVIL, EXAMPLES, ConfigDir, UpstreamLog, canary, python_server, raw_post, running
+from tests.harness import (
+    EVIL,
+    EXAMPLES,
+    ConfigDir,
+    UpstreamLog,
+    canary,
+    http,
+    legacy_session,
+    python_server,
+    raw_post,
+    running,
+    wait_for,
+)
 from tests.nodetools import NODE, ensure_tools, server_everything_stdio
 
 pytestmark = pytest.mark.node
@@ -32,8 +45,12 @@ class Pair:
     fast: str
     slow: str
     token: str
+    other_token: str  # another agent's, in the same enclave
     secret: str
     design_log: UpstreamLog
+    slow_design_log: UpstreamLog
+    fast_config: ConfigDir
+    slow_config: ConfigDir
 
 
 def config_for(root: Any, fast: bool, secret: str) -> tuple[ConfigDir, UpstreamLog]:
@@ -50,9 +67,9 @@ def config_for(root: Any, fast: bool, secret: str) -> tuple[ConfigDir, UpstreamL
         .connector("everything", {"stdio": {"command": str(NODE), "args": server_everything_stdio()[1:]}})
         .enclave(
             "e",
-            ["agent"],
+            ["agent", "other"],
             {
-                "design": {"tools": ["search_parts", "get_part", "confirm_delete"]},
+                "design": {"tools": ["search_parts", "get_part", "confirm_delete", "slow_count"]},
                 "evil": {"tools": ["echo", "echo_secret_encodings", "echo_env"]},
                 "everything": {"tools": ["echo", "get-sum"], "prefix": "ev_"},
             },
@@ -66,16 +83,16 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     ensure_tools()
     secret = canary()
     fast_config, log = config_for(tmp_path_factory.mktemp("fast"), True, secret)
-    slow_config, _ = config_for(tmp_path_factory.mktemp("slow"), False, secret)
-    # One token, valid on both: the second state directory gets the same agent row.
-    token = fast_config.mint("agent", "e")
+    slow_config, slow_log = config_for(tmp_path_factory.mktemp("slow"), False, secret)
+    # Tokens valid on both: the second state directory gets the same agent rows.
+    token, other_token = fast_config.mint("agent", "e"), fast_config.mint("other", "e")
     slow_config.state_dir.mkdir(mode=0o700, exist_ok=True)
     (slow_config.state_dir / "state.db").write_bytes((fast_config.state_dir / "state.db").read_bytes())
     (slow_config.state_dir / "state.db").chmod(0o600)
     with running(fast_config) as fast, running(slow_config) as slow:
         for url in (fast.url, slow.url):  # list once: the fast path serves only tools already in the view
             assert call(url, token, "tools/list", {}).status_code == 200
-        yield Pair(fast.url, slow.url, token, secret, log)
+        yield Pair(fast.url, slow.url, token, other_token, secret, log, slow_log, fast_config, slow_config)
 
 
 def call(
@@ -178,3 +195,164 @@ def test_requests_the_sdk_refuses_are_refused_identically(pair: Pair, headers: d
     slow = call(pair.slow, pair.token, "tools/call", params, **headers)
     assert (fast.status_code, fast.text) == (slow.status_code, slow.text)
     assert fast.status_code != 200 or "error" in fast.json()
+
+
+# -- the handshake era (2025-11-25): calls on an open session ------------------------------------------
+
+
+@dataclass
+class Sessions:
+    fast: dict[str, str]
+    slow: dict[str, str]
+
+
+def served_session(url: str, token: str, capabilities: dict[str, Any] | None = None) -> dict[str, str]:
+    """A handshake-era session that the SDK path has served once (tools/list), as a client's would be."""
+    session = legacy_session(url, token, capabilities)
+    assert raw_post(url, {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, token, **session).status_code == 200
+    return session
+
+
+@pytest.fixture(scope="module")
+def sessions(pair: Pair) -> Sessions:
+    return Sessions(served_session(pair.fast, pair.token), served_session(pair.slow, pair.token))
+
+
+def call_in(
+    url: str, token: str, session: dict[str, str], name: str, arguments: Any, **headers: str
+) -> httpx2.Response:
+    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
+    return raw_post(url, body, token, **{**session, **headers})
+
+
+def both_in_session(
+    pair: Pair, sessions: Sessions, name: str, arguments: Any, **headers: str
+) -> tuple[httpx2.Response, httpx2.Response]:
+    return (
+        call_in(pair.fast, pair.token, sessions.fast, name, arguments, **headers),
+        call_in(pair.slow, pair.token, sessions.slow, name, arguments, **headers),
+    )
+
+
+def upstream_id(log: UpstreamLog, start: int) -> Any:
+    """The id of the one tools/call that reached the upstream since message `start`."""
+    (forwarded,) = [m for m in log.messages()[start:] if m["method"] == "tools/call"]
+    return forwarded["id"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_handshake_era_replies_as_the_sdk_does(pair: Pair, sessions: Sessions, case: str) -> None:
+    fast, slow = both_in_session(pair, sessions, *CASES[case])
+    assert reply(fast) == reply(slow)
+    assert fast.headers["content-type"] == slow.headers["content-type"] == "text/event-stream"
+    assert fast.headers["mcp-session-id"] == sessions.fast["Mcp-Session-Id"]
+
+
+def test_handshake_era_calls_take_the_fast_path_unless_the_client_can_be_asked(pair: Pair) -> None:
+    """A client that declared elicitation, sampling or roots may be asked mid-call over the session's
+    back-channel, which only the SDK path has: its calls take that path. The audit rows of both paths match."""
+    plain = served_session(pair.fast, pair.token)
+    asking = served_session(pair.fast, pair.token, {"elicitation": {"form": {}}})
+    lanes = []
+    for session in (plain, asking):
+        start = pair.design_log.count()
+        assert call_in(pair.fast, pair.token, session, "get_part", {"part_id": "P-100"}).status_code == 200
+        lanes.append(str(upstream_id(pair.design_log, start)).startswith("enclave-"))
+    assert lanes == [True, False]
+
+    slow = served_session(pair.slow, pair.token)
+    call_in(pair.slow, pair.token, slow, "get_part", {"part_id": "P-100"})
+    # bytes_out differs by design: the fast path measures the reply it encodes, the SDK path the result before
+    # the SDK serialises it for the agent's version.
+    same = ("decision", "outcome", "reason", "protocol_version", "client_name", "client_version", "bytes_in")
+    fast_row = audited_call(pair.fast_config, plain["Mcp-Session-Id"])
+    slow_row = audited_call(pair.slow_config, slow["Mcp-Session-Id"])
+    assert {key: fast_row[key] for key in same} == {key: slow_row[key] for key in same}
+    assert fast_row["bytes_in"] and fast_row["bytes_out"]
+
+
+def audited_call(config: ConfigDir, session_id: str) -> dict[str, Any]:
+    rows = json.loads(config.cli("audit", "--agent", "agent", "--tool", "get_part", "--json").stdout)
+    return next(row for row in rows if row["session_id"] == session_id)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://evil.example"},  # DNS rebinding
+        {"Accept": "application/json"},  # no SSE accepted
+        {"Content-Type": "text/plain"},
+        {"Mcp-Session-Id": "0" * 32},  # a session that does not exist
+    ],
+)
+def test_handshake_era_requests_the_sdk_refuses_are_refused_identically(
+    pair: Pair, sessions: Sessions, headers: dict[str, str]
+) -> None:
+    fast, slow = both_in_session(pair, sessions, "get_part", {"part_id": "P-100"}, **headers)
+    assert (fast.status_code, fast.text) == (slow.status_code, slow.text)
+    assert fast.status_code >= 400
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"id": [7]}, {"id": None}, {"jsonrpc": "1.0"}, {"params": {"name": "get_part", "arguments": {}, "task": 3}}],
+    ids=["id a list", "id null", "not JSON-RPC 2.0", "params invalid for the version"],
+)
+def test_handshake_era_malformed_requests_are_refused_identically(
+    pair: Pair, sessions: Sessions, change: dict[str, Any]
+) -> None:
+    body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "get_part", "arguments": {}}}
+    fast = raw_post(pair.fast, {**body, **change}, pair.token, **sessions.fast)
+    slow = raw_post(pair.slow, {**body, **change}, pair.token, **sessions.slow)
+    assert (fast.status_code, fast.text) == (slow.status_code, slow.text)
+
+
+def test_another_agents_session_and_an_ended_one_do_not_exist_on_either_path(pair: Pair, sessions: Sessions) -> None:
+    replies = [
+        call_in(url, pair.other_token, session, "get_part", {"part_id": "P-100"})
+        for url, session in ((pair.fast, sessions.fast), (pair.slow, sessions.slow))
+    ]
+    for url in (pair.fast, pair.slow):
+        ended = served_session(url, pair.token)
+        assert http().delete(url, headers={**ended, "Authorization": f"Bearer {pair.token}"}).status_code == 200
+        replies.append(call_in(url, pair.token, ended, "get_part", {"part_id": "P-100"}))
+    assert len({(r.status_code, r.text) for r in replies}) == 1
+    assert replies[0].status_code == 404
+
+
+def cancelled_call(url: str, token: str, session: dict[str, str], log: UpstreamLog) -> tuple[int, Any]:
+    """Start a long call, wait until it reaches the upstream, cancel it; its reply, once the upstream was told."""
+    start = log.count()
+
+    def upstream_got(method: str) -> bool:
+        return any(m["method"] == method for m in log.messages()[start:])
+
+    body = {
+        "jsonrpc": "2.0",
+        "id": 9,
+        "method": "tools/call",
+        "params": {"name": "slow_count", "arguments": {"n": 400}},
+    }
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2025-11-25",
+        "Authorization": f"Bearer {token}",
+        **session,
+    }
+    with http().stream("POST", url, content=json.dumps(body), headers=headers) as response:
+        wait_for(lambda: upstream_got("tools/call"), "the call at the upstream")
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 9}}
+        assert raw_post(url, cancel, token, **session).status_code == 202
+        response.read()
+    wait_for(lambda: upstream_got("notifications/cancelled"), "the cancellation at the upstream")
+    return reply(response)
+
+
+def test_a_cancelled_call_ends_as_on_the_sdk_path(pair: Pair, sessions: Sessions) -> None:
+    """`notifications/cancelled` names the call: the upstream is told, and the call's stream (its head sent while
+    the call runs) ends with REQUEST_CANCELLED."""
+    fast = cancelled_call(pair.fast, pair.token, sessions.fast, pair.design_log)
+    slow = cancelled_call(pair.slow, pair.token, sessions.slow, pair.slow_design_log)
+    cancelled = {"jsonrpc": "2.0", "id": 9, "error": {"code": -32800, "message": "Request cancelled"}}
+    assert fast == slow == (200, cancelled)
