@@ -11,9 +11,9 @@ unchanged, body included. It serves:
 
 * a stateless 2026-07-28 request, after the SDK's own checks (transport security, Accept, routing-header
   duplicates, the modern envelope ladder), answered with JSON;
-* a request on an open handshake-era session that the SDK path has already served for the same agent, from a
-  client that declared none of the capabilities an upstream may ask of it mid-call (elicitation, sampling,
-  roots: those need the session's back-channel), after the SDK transport's checks (transport security, Accept,
+* a request on an open handshake-era session that the SDK path has already served for the same agent, when no
+  request for input can reach the client during the call (`_may_ask`: that needs the session's back-channel),
+  after the SDK transport's checks (transport security, Accept,
   Content-Type, the JSON-RPC envelope, the method's params for the negotiated version), answered over SSE as
   the transport answers (gateway.handshake keeps what the session needs meanwhile).
 
@@ -46,7 +46,7 @@ from mcp.shared.inbound import (
     find_duplicated_routing_header,
 )
 from mcp.shared.jsonrpc_dispatcher import handler_exception_to_error_data
-from mcp_types import ErrorData, JSONRPCRequest, jsonrpc_message_adapter, methods
+from mcp_types import ClientCapabilities, ErrorData, JSONRPCRequest, jsonrpc_message_adapter, methods
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -59,7 +59,8 @@ from gateway.handshake import EventStream, SessionCalls
 from gateway.invocation import Invocation
 from gateway.peers import process_of
 from gateway.pipeline import INPUT_CAPABILITIES, MAX_INPUT_ROUNDS, Gateway, forwardable_meta
-from gateway.upstream import PushTarget
+from gateway.upstream import PushTarget, Upstream
+from gateway.view import ExposedTool
 
 SERVER_INFO_META_KEY = "io.modelcontextprotocol/serverInfo"
 _PARAM_PREFIX = MCP_PARAM_HEADER_PREFIX.lower().encode()
@@ -117,8 +118,7 @@ class FastPath:
         verdict = classify_inbound_request(message, headers=dict(request.headers))
         if not isinstance(verdict, InboundModernRoute):
             return False
-        agent = scope[AGENT_KEY]
-        if not self._serves_tool(agent, name):
+        if self._fast_tool(scope[AGENT_KEY], name) is None:
             return False
         call = self._invocation(scope, message, verdict.protocol_version)
         if isinstance(verdict.client_info, dict):
@@ -147,9 +147,6 @@ class FastPath:
             return False
         name, arguments, meta = parsed
         connection = session._connection  # private to mcp 2.3 (pinned): the session's negotiated state
-        declared = connection.client_capabilities
-        if declared is not None and any(getattr(declared, kind) is not None for kind in INPUT_CAPABILITIES):
-            return False
         request = Request(scope, receive)
         if not await self._transport_accepts(request) or not transport._check_content_type(request):
             return False
@@ -160,7 +157,11 @@ class FastPath:
             methods.validate_client_request("tools/call", version, message["params"])
         except (ValidationError, KeyError):
             return False
-        if self.sessions.in_flight(session_id, message["id"]) or not self._serves_tool(agent, name):
+        if self.sessions.in_flight(session_id, message["id"]):
+            return False
+        tool = self._fast_tool(agent, name)
+        declared = connection.client_capabilities
+        if tool is None or _may_ask(declared, self.gateway.pool[tool.connector]):
             return False
         call = self._invocation(scope, message, version)
         call.session_id = session_id
@@ -183,14 +184,14 @@ class FastPath:
             return False
         return check_accept_headers(request) == (True, True)
 
-    def _serves_tool(self, agent: Agent, name: str) -> bool:
-        """Whether the agent's view has listed `name` already, and it is a tool this path may call: no
-        Mcp-Param arguments, not in a chamber (whose check may ask the agent's user: the SDK path's business)."""
+    def _fast_tool(self, agent: Agent, name: str) -> ExposedTool | None:
+        """The tool `name`, if the agent's view has listed it already and this path may call it: no Mcp-Param
+        arguments, not in a chamber (whose check may ask the agent's user: the SDK path's business)."""
         view = self.gateway.views.get(agent.enclave)
         tool = view.cached_tool(name) if view is not None else None
-        if tool is None or not tool.fast:
-            return False
-        return not self.gateway.chambers.chambers_of(agent.enclave, "tool", tool.name)
+        if tool is None or not tool.fast or self.gateway.chambers.chambers_of(agent.enclave, "tool", tool.name):
+            return None
+        return tool
 
     def _invocation(self, scope: Scope, message: dict[str, Any], protocol_version: str) -> Invocation:
         call = Invocation(
@@ -221,9 +222,9 @@ class FastPath:
                 if methods.is_input_required(raw):
                     self.gateway.check_input_capabilities(declared, raw.get("inputRequests") or {})
                     if call.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-                        # Not reached with real requests: this path serves only clients that declared none of the
-                        # capabilities (checked above). An upstream asking for nothing gets what the SDK path
-                        # ends with after re-asking it.
+                        # Reached only by an upstream outside its era's protocol, or one asking for nothing: this
+                        # path serves no client that an input_required result could ask (`_may_ask`). It ends as
+                        # the SDK path ends after re-asking.
                         raise errors.too_many_input_rounds(MAX_INPUT_ROUNDS)
                 encoded = json.dumps(self._for_agent(call, self.gateway.scrubbed(call, raw)), separators=(",", ":"))
                 self.gateway.count_out(call, len(encoded))
@@ -253,6 +254,19 @@ class FastPath:
         headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+def _may_ask(declared: ClientCapabilities | None, upstream: Upstream) -> bool:
+    """Whether a request for input may reach a handshake-era client during a call to `upstream`: over the
+    session's back-channel, which only the SDK's server has. A client is asked only for what it declared. A
+    handshake-era upstream pushes elicitation and sampling (its roots/list is the gateway's own client's to
+    answer); a 2026-era one asks for any of the three in an input_required result."""
+    if declared is None:
+        return False
+    asked = ("elicitation", "sampling")
+    if upstream.protocol_version is None or upstream.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        asked = INPUT_CAPABILITIES
+    return any(getattr(declared, capability) is not None for capability in asked)
 
 
 def _header(scope: Scope, name: bytes) -> str:

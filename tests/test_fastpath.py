@@ -49,12 +49,13 @@ class Pair:
     secret: str
     design_log: UpstreamLog
     slow_design_log: UpstreamLog
+    old_log: UpstreamLog  # a handshake-era upstream's
     fast_config: ConfigDir
     slow_config: ConfigDir
 
 
-def config_for(root: Any, fast: bool, secret: str) -> tuple[ConfigDir, UpstreamLog]:
-    log = UpstreamLog(root / "design.jsonl")
+def config_for(root: Any, fast: bool, secret: str) -> tuple[ConfigDir, UpstreamLog, UpstreamLog]:
+    log, old_log = UpstreamLog(root / "design.jsonl"), UpstreamLog(root / "old.jsonl")
     config = (
         ConfigDir(root)
         .gateway(fast_path=fast)
@@ -65,6 +66,7 @@ def config_for(root: Any, fast: bool, secret: str) -> tuple[ConfigDir, UpstreamL
             python_server(EVIL, EVIL_ECHO_VAR="EVIL_API_KEY", EVIL_API_KEY="${secret:evil-key}", EVIL_ECHO_ENV="1"),
         )
         .connector("everything", {"stdio": {"command": str(NODE), "args": server_everything_stdio()[1:]}})
+        .connector("old", python_server(EVIL, EVIL_LEGACY="1", UPSTREAM_LOG=str(old_log.path)))  # handshake era
         .enclave(
             "e",
             ["agent", "other"],
@@ -72,18 +74,19 @@ def config_for(root: Any, fast: bool, secret: str) -> tuple[ConfigDir, UpstreamL
                 "design": {"tools": ["search_parts", "get_part", "confirm_delete", "slow_count"]},
                 "evil": {"tools": ["echo", "echo_secret_encodings", "echo_env"]},
                 "everything": {"tools": ["echo", "get-sum"], "prefix": "ev_"},
+                "old": {"tools": ["echo"], "prefix": "old_"},
             },
         )
     )
-    return config, log
+    return config, log, old_log
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     ensure_tools()
     secret = canary()
-    fast_config, log = config_for(tmp_path_factory.mktemp("fast"), True, secret)
-    slow_config, slow_log = config_for(tmp_path_factory.mktemp("slow"), False, secret)
+    fast_config, log, old_log = config_for(tmp_path_factory.mktemp("fast"), True, secret)
+    slow_config, slow_log, _ = config_for(tmp_path_factory.mktemp("slow"), False, secret)
     # Tokens valid on both: the second state directory gets the same agent rows.
     token, other_token = fast_config.mint("agent", "e"), fast_config.mint("other", "e")
     slow_config.state_dir.mkdir(mode=0o700, exist_ok=True)
@@ -92,7 +95,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     with running(fast_config) as fast, running(slow_config) as slow:
         for url in (fast.url, slow.url):  # list once: the fast path serves only tools already in the view
             assert call(url, token, "tools/list", {}).status_code == 200
-        yield Pair(fast.url, slow.url, token, other_token, secret, log, slow_log, fast_config, slow_config)
+        yield Pair(fast.url, slow.url, token, other_token, secret, log, slow_log, old_log, fast_config, slow_config)
 
 
 def call(
@@ -248,18 +251,37 @@ def test_handshake_era_replies_as_the_sdk_does(pair: Pair, sessions: Sessions, c
     assert fast.headers["mcp-session-id"] == sessions.fast["Mcp-Session-Id"]
 
 
-def test_handshake_era_calls_take_the_fast_path_unless_the_client_can_be_asked(pair: Pair) -> None:
-    """A client that declared elicitation, sampling or roots may be asked mid-call over the session's
-    back-channel, which only the SDK path has: its calls take that path. The audit rows of both paths match."""
-    plain = served_session(pair.fast, pair.token)
-    asking = served_session(pair.fast, pair.token, {"elicitation": {"form": {}}})
+@pytest.mark.parametrize(
+    ("capabilities", "fast_to_2026_upstream", "fast_to_handshake_upstream"),
+    [
+        ({}, True, True),
+        ({"roots": {"listChanged": True}}, False, True),
+        ({"elicitation": {"form": {}}}, False, False),
+        ({"sampling": {}}, False, False),
+    ],
+    ids=["nothing declared", "roots", "elicitation", "sampling"],
+)
+def test_handshake_era_calls_take_the_fast_path_unless_the_client_could_be_asked_mid_call(
+    pair: Pair, capabilities: dict[str, Any], fast_to_2026_upstream: bool, fast_to_handshake_upstream: bool
+) -> None:
+    """Asking a client for input mid-call takes the session's back-channel, which only the SDK path has. A
+    2026-era upstream may ask for elicitation, sampling or roots (input_required); a handshake-era one pushes
+    elicitation or sampling (its roots/list is answered by the gateway's own client)."""
+    session = served_session(pair.fast, pair.token, capabilities)
     lanes = []
-    for session in (plain, asking):
-        start = pair.design_log.count()
-        assert call_in(pair.fast, pair.token, session, "get_part", {"part_id": "P-100"}).status_code == 200
-        lanes.append(str(upstream_id(pair.design_log, start)).startswith("enclave-"))
-    assert lanes == [True, False]
+    for log, name, arguments in (
+        (pair.design_log, "get_part", {"part_id": "P-100"}),
+        (pair.old_log, "old_echo", {"text": "hi"}),
+    ):
+        start = log.count()
+        assert call_in(pair.fast, pair.token, session, name, arguments).status_code == 200
+        lanes.append(str(upstream_id(log, start)).startswith("enclave-"))
+    assert lanes == [fast_to_2026_upstream, fast_to_handshake_upstream]
 
+
+def test_handshake_era_fast_calls_are_audited_as_on_the_sdk_path(pair: Pair) -> None:
+    plain = served_session(pair.fast, pair.token)
+    call_in(pair.fast, pair.token, plain, "get_part", {"part_id": "P-100"})
     slow = served_session(pair.slow, pair.token)
     call_in(pair.slow, pair.token, slow, "get_part", {"part_id": "P-100"})
     # bytes_out differs by design: the fast path measures the reply it encodes, the SDK path the result before
