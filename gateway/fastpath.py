@@ -11,11 +11,11 @@ unchanged, body included. It serves:
 
 * a stateless 2026-07-28 request, after the SDK's own checks (transport security, Accept, routing-header
   duplicates, the modern envelope ladder), answered with JSON;
-* a request on an open handshake-era session that the SDK path has already served for the same agent, when no
-  request for input can reach the client during the call (`_may_ask`: that needs the session's back-channel),
-  after the SDK transport's checks (transport security, Accept,
-  Content-Type, the JSON-RPC envelope, the method's params for the negotiated version), answered over SSE as
-  the transport answers (gateway.handshake keeps what the session needs meanwhile).
+* a request on an open handshake-era session that the SDK path has already served for the same agent, after
+  the SDK transport's checks (transport security, Accept, Content-Type, the JSON-RPC envelope, the method's
+  params for the negotiated version), answered over SSE as the transport answers, with what the upstream asks
+  of the agent meanwhile (elicitation, sampling, roots) on the same stream; gateway.handshake keeps what the
+  session needs while the call runs.
 
 The decision steps are the gateway's one pipeline (`authorize_tool`, `recording`, redaction), and the result
 is serialised by the SDK's function for the agent's protocol version. tests/test_fastpath.py compares its
@@ -46,20 +46,27 @@ from mcp.shared.inbound import (
     find_duplicated_routing_header,
 )
 from mcp.shared.jsonrpc_dispatcher import handler_exception_to_error_data
-from mcp_types import ClientCapabilities, ErrorData, JSONRPCRequest, jsonrpc_message_adapter, methods
+from mcp_types import (
+    ErrorData,
+    InputRequiredResult,
+    JSONRPCError,
+    JSONRPCRequest,
+    JSONRPCResponse,
+    jsonrpc_message_adapter,
+    methods,
+)
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway import errors, telemetry
+from gateway import telemetry
 from gateway.auth import Agent
 from gateway.guard import AGENT_KEY, MESSAGE_KEY
-from gateway.handshake import EventStream, SessionCalls
+from gateway.handshake import SessionCalls
 from gateway.invocation import Invocation
 from gateway.peers import process_of
-from gateway.pipeline import INPUT_CAPABILITIES, MAX_INPUT_ROUNDS, Gateway, forwardable_meta
-from gateway.upstream import PushTarget, Upstream
+from gateway.pipeline import AgentChannel, Gateway, forwardable_meta
 from gateway.view import ExposedTool
 
 SERVER_INFO_META_KEY = "io.modelcontextprotocol/serverInfo"
@@ -124,9 +131,8 @@ class FastPath:
         if isinstance(verdict.client_info, dict):
             call.client_name, call.client_version = verdict.client_info.get("name"), verdict.client_info.get("version")
         with telemetry.server_span(call, meta):  # the SDK's OpenTelemetryMiddleware is not on this path
-            outcome = await _unless_disconnected(
-                receive, self._call(call, arguments, meta, verdict.client_capabilities)
-            )
+            channel = AgentChannel(verdict.client_capabilities, None)
+            outcome = await _unless_disconnected(receive, self._call(call, arguments, meta, channel))
         if outcome is not None:
             await self._respond(send, message["id"], outcome)
         return True
@@ -143,35 +149,35 @@ class FastPath:
         if message.get("method") == "notifications/cancelled":
             self.sessions.cancel(session_id, message.get("params"))
             return False  # the SDK path acknowledges it (202), as for any notification
-        if (parsed := _tool_call(message)) is None:
-            return False
-        name, arguments, meta = parsed
-        connection = session._connection  # private to mcp 2.3 (pinned): the session's negotiated state
         request = Request(scope, receive)
         if not await self._transport_accepts(request) or not transport._check_content_type(request):
             return False
+        try:
+            envelope = jsonrpc_message_adapter.validate_python(message, by_name=False)
+        except ValidationError:
+            return False
+        if isinstance(envelope, JSONRPCResponse | JSONRPCError) and self.sessions.answered(session_id, message):
+            await _accepted(send, session_id)  # as the transport acknowledges a response
+            return True
+        if not isinstance(envelope, JSONRPCRequest) or (parsed := _tool_call(message)) is None:
+            return False
+        name, arguments, meta = parsed
+        connection = session._connection  # private to mcp 2.3 (pinned): the session's negotiated state
         version = connection.protocol_version
         try:
-            if not isinstance(jsonrpc_message_adapter.validate_python(message, by_name=False), JSONRPCRequest):
-                return False
             methods.validate_client_request("tools/call", version, message["params"])
         except (ValidationError, KeyError):
             return False
-        if self.sessions.in_flight(session_id, message["id"]):
-            return False
-        tool = self._fast_tool(agent, name)
-        declared = connection.client_capabilities
-        if tool is None or _may_ask(declared, self.gateway.pool[tool.connector]):
+        if self.sessions.in_flight(session_id, message["id"]) or self._fast_tool(agent, name) is None:
             return False
         call = self._invocation(scope, message, version)
         call.session_id = session_id
         if (client := connection.client_params) is not None:
             call.client_name, call.client_version = client.client_info.name, client.client_info.version
-        push = self.gateway.pushed_to(session, version, message["id"])
-        stream = EventStream(send, session_id)
+        stream = self.sessions.stream(send, session_id, version)
         try:
             with telemetry.server_span(call, meta):
-                served = self._call(call, arguments, meta, declared, push)
+                served = self._call(call, arguments, meta, AgentChannel(connection.client_capabilities, stream.ask))
                 outcome = await self.sessions.run(transport, message["id"], served)
             await stream.answer(_in_session_reply(message["id"], outcome))
         finally:
@@ -207,26 +213,35 @@ class FastPath:
         return call
 
     async def _call(
-        self, call: Invocation, arguments: dict[str, Any], meta: Any, declared: Any, push: PushTarget | None = None
+        self, call: Invocation, arguments: dict[str, Any], meta: Any, channel: AgentChannel
     ) -> str | Exception:
         """The pipeline for one call; returns the result encoded as JSON (encoded once, and measured as encoded,
-        inside the audited scope), or the exception that becomes the error reply. `declared`: what the agent's
-        client can be asked (its capabilities); `push`: where the upstream's own requests for input go."""
+        inside the audited scope), or the exception that becomes the error reply. `channel`: how the agent can be
+        asked for what the upstream asks meanwhile."""
         try:
             async with self.gateway.recording(call):
                 tool = await self.gateway.authorize_tool(call, call.target or "", arguments)
-                upstream_params: dict[str, Any] = {"name": tool.upstream_name, "arguments": arguments}
-                if forwarded := forwardable_meta(meta):
-                    upstream_params["_meta"] = forwarded
-                raw = await self.gateway.pool[tool.connector].send_raw("tools/call", upstream_params, push)
-                if methods.is_input_required(raw):
-                    self.gateway.check_input_capabilities(declared, raw.get("inputRequests") or {})
-                    if call.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-                        # Reached only by an upstream outside its era's protocol, or one asking for nothing: this
-                        # path serves no client that an input_required result could ask (`_may_ask`). It ends as
-                        # the SDK path ends after re-asking.
-                        raise errors.too_many_input_rounds(MAX_INPUT_ROUNDS)
-                encoded = json.dumps(self._for_agent(call, self.gateway.scrubbed(call, raw)), separators=(",", ":"))
+                upstream, push = self.gateway.pool[tool.connector], self.gateway.pushed_to(channel)
+
+                async def send(responses: dict[str, BaseModel] | None, state: str | None) -> Any:
+                    params: dict[str, Any] = {"name": tool.upstream_name, "arguments": arguments}
+                    if forwarded := forwardable_meta(meta):
+                        params["_meta"] = forwarded
+                    if responses is not None:  # a retry with the agent's answers, as the SDK's client sends it
+                        params["inputResponses"] = {key: _dumped(answer) for key, answer in responses.items()}
+                        if state is not None:
+                            params["requestState"] = state
+                    raw = await upstream.send_raw("tools/call", params, push)
+                    return (
+                        InputRequiredResult.model_validate(raw, by_name=False)
+                        if methods.is_input_required(raw)
+                        else raw
+                    )
+
+                result = await self.gateway.with_input(channel, send)
+                if isinstance(result, BaseModel):
+                    result = _dumped(result)
+                encoded = json.dumps(self._for_agent(call, self.gateway.scrubbed(call, result)), separators=(",", ":"))
                 self.gateway.count_out(call, len(encoded))
                 return encoded
         except Exception as exc:
@@ -256,19 +271,6 @@ class FastPath:
         await send({"type": "http.response.body", "body": payload})
 
 
-def _may_ask(declared: ClientCapabilities | None, upstream: Upstream) -> bool:
-    """Whether a request for input may reach a handshake-era client during a call to `upstream`: over the
-    session's back-channel, which only the SDK's server has. A client is asked only for what it declared. A
-    handshake-era upstream pushes elicitation and sampling (its roots/list is the gateway's own client's to
-    answer); a 2026-era one asks for any of the three in an input_required result."""
-    if declared is None:
-        return False
-    asked = ("elicitation", "sampling")
-    if upstream.protocol_version is None or upstream.protocol_version in MODERN_PROTOCOL_VERSIONS:
-        asked = INPUT_CAPABILITIES
-    return any(getattr(declared, capability) is not None for capability in asked)
-
-
 def _header(scope: Scope, name: bytes) -> str:
     return next((v for k, v in scope["headers"] if k == name), b"").decode("latin-1")
 
@@ -287,6 +289,16 @@ def _tool_call(message: dict[str, Any]) -> tuple[str, dict[str, Any], Any] | Non
     if "inputResponses" in params or "requestState" in params:  # an input_required retry: left to the SDK path
         return None
     return params["name"], arguments, meta
+
+
+def _dumped(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+async def _accepted(send: Send, session_id: str) -> None:
+    headers = [*_JSON_HEADERS, (b"mcp-session-id", session_id.encode()), (b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": 202, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _result_message(request_id: Any, result: str) -> bytes:

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -70,7 +71,6 @@ _PUSHED_REQUESTS: dict[str, type[BaseModel]] = {
     "sampling/createMessage": types.CreateMessageRequest,
 }
 _INPUT_CAPABILITY = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
-INPUT_CAPABILITIES = tuple(_INPUT_CAPABILITY.values())  # what an upstream may need to ask an agent's client
 _UPSTREAM_REASONS = {
     errors.UPSTREAM_UNAVAILABLE: "upstream_unavailable",
     errors.UPSTREAM_TIMEOUT: "upstream_timeout",
@@ -81,6 +81,16 @@ _CHANGE_EVENTS: dict[ListKind, ServerEvent] = {
     "prompts": PromptsListChanged(),
     "resources": ResourcesListChanged(),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentChannel:
+    """How the agent behind one request can be asked for input: what its client declared it can answer, and the
+    request to it over its session's back-channel (None for a 2026-07-28 client: it is asked in an
+    input_required result instead)."""
+
+    declared: Any
+    send_request: Callable[[Any, type[BaseModel]], Awaitable[Any]] | None
 
 
 def forwardable_meta(meta: Any) -> dict[str, Any] | None:
@@ -526,31 +536,35 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self.pool[connector].unsubscribe(uri)
 
-    def pushed_to(self, session: ServerSession, protocol_version: str, request_id: Any) -> PushTarget:
+    def pushed_to(self, channel: AgentChannel) -> PushTarget:
         """Where a handshake-era upstream's request for input (elicitation, sampling) goes when it belongs to the
-        agent request `request_id` on `session` (see `Upstream._pushed`): to this agent, redacted like a result, if
-        it declared it can answer. Whatever fails is answered to the upstream as an error; the agent's request
-        goes on."""
+        agent request of `channel` (see `Upstream._pushed`): to this agent, redacted like a result, if it declared
+        it can answer. Whatever fails is answered to the upstream as an error; the agent's request goes on."""
 
         async def ask(method: str, params: BaseModel) -> Any:
             data = self.redactor.value(params.model_dump(by_alias=True, exclude_none=True, mode="json"))
             request = _PUSHED_REQUESTS[method].model_validate({"method": method, "params": data})
             try:
-                self.check_input_capabilities(session.client_capabilities, {method: request})
-                if protocol_version in MODERN_PROTOCOL_VERSIONS:
+                self.check_input_capabilities(channel.declared, {method: request})
+                if channel.send_request is None:
                     raise MCPError(
                         INVALID_REQUEST,
                         f"This upstream asks its client directly ({method}), which a 2026-07-28 client cannot be "
                         "asked; connect in the 2025-11-25 era to use it",
                     )
-                metadata = ServerMessageMetadata(related_request_id=request_id)
-                return await session.send_request(request, _INPUT_RESULT_TYPES[method], metadata=metadata)
+                return await channel.send_request(request, _INPUT_RESULT_TYPES[method])
             except MCPError as exc:
                 return exc.error
 
         return ask
 
     # -- shared steps --------------------------------------------------------------------------
+
+    def _channel(self, ctx: ServerRequestContext[Any, Any]) -> AgentChannel:
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return AgentChannel(ctx.session.client_capabilities, None)
+        metadata = ServerMessageMetadata(related_request_id=ctx.request_id)
+        return AgentChannel(ctx.session.client_capabilities, partial(ctx.session.send_request, metadata=metadata))
 
     def _progress_relay(self, ctx: ServerRequestContext[Any, Any]) -> Any:
         """Relay upstream progress to the agent, under the agent's own progress token."""
@@ -572,20 +586,21 @@ class Gateway:
     ) -> Any:
         """Forward one request that the upstream may answer with input_required, and finish its result."""
         upstream = self.pool[connector]
+        channel = self._channel(ctx)
 
         async def send(responses: Any, state: str | None) -> Any:
-            async with upstream.request(self.pushed_to(ctx.session, ctx.protocol_version, ctx.request_id)) as session:
+            async with upstream.request(self.pushed_to(channel)) as session:
                 return await request(session, responses, state)
 
-        result = await self._with_input(ctx, send, clearance.input_responses, clearance.request_state)
+        result = await self.with_input(channel, send, clearance.input_responses, clearance.request_state)
         return self._finish(call, await clearance.carry(result))
 
-    async def _with_input(
+    async def with_input(
         self,
-        ctx: ServerRequestContext[Any, Any],
+        channel: AgentChannel,
         send: Callable[[Any, str | None], Awaitable[Any]],
-        responses: Any,
-        state: str | None,
+        responses: Any = None,
+        state: str | None = None,
     ) -> Any:
         """Forward a request whose upstream may answer input_required (elicitation, sampling, roots).
 
@@ -598,15 +613,12 @@ class Gateway:
             if not isinstance(result, types.InputRequiredResult):
                 return result
             requests = result.input_requests or {}
-            self.check_input_capabilities(ctx.session.client_capabilities, requests)
-            if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            self.check_input_capabilities(channel.declared, requests)
+            if channel.send_request is None:
                 return result
             answers = {
-                key: await ctx.session.send_request(
-                    self._redacted(request),  # what the upstream asks may quote its credential, as a result may
-                    _INPUT_RESULT_TYPES[request.method],
-                    metadata=ServerMessageMetadata(related_request_id=ctx.request_id),
-                )
+                # what the upstream asks may quote its credential, as a result may
+                key: await channel.send_request(self._redacted(request), _INPUT_RESULT_TYPES[request.method])
                 for key, request in requests.items()
             }
             result = await send(answers, result.request_state)

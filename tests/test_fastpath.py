@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx2
+import mcp_types as types
 import pytest
 
 from tests.harness import (
@@ -23,6 +24,7 @@ from tests.harness import (
     ConfigDir,
     UpstreamLog,
     canary,
+    connect,
     http,
     legacy_session,
     python_server,
@@ -66,7 +68,17 @@ def config_for(root: Any, fast: bool, secret: str) -> tuple[ConfigDir, UpstreamL
             python_server(EVIL, EVIL_ECHO_VAR="EVIL_API_KEY", EVIL_API_KEY="${secret:evil-key}", EVIL_ECHO_ENV="1"),
         )
         .connector("everything", {"stdio": {"command": str(NODE), "args": server_everything_stdio()[1:]}})
-        .connector("old", python_server(EVIL, EVIL_LEGACY="1", UPSTREAM_LOG=str(old_log.path)))  # handshake era
+        .connector(  # a handshake-era upstream
+            "old",
+            python_server(
+                EVIL,
+                EVIL_LEGACY="1",
+                EVIL_LEAK="1",
+                EVIL_ECHO_VAR="EVIL_API_KEY",
+                EVIL_API_KEY="${secret:evil-key}",
+                UPSTREAM_LOG=str(old_log.path),
+            ),
+        )
         .enclave(
             "e",
             ["agent", "other"],
@@ -74,7 +86,7 @@ def config_for(root: Any, fast: bool, secret: str) -> tuple[ConfigDir, UpstreamL
                 "design": {"tools": ["search_parts", "get_part", "confirm_delete", "slow_count"]},
                 "evil": {"tools": ["echo", "echo_secret_encodings", "echo_env"]},
                 "everything": {"tools": ["echo", "get-sum"], "prefix": "ev_"},
-                "old": {"tools": ["echo"], "prefix": "old_"},
+                "old": {"tools": ["echo", "leak_elicit"], "prefix": "old_"},
             },
         )
     )
@@ -252,31 +264,56 @@ def test_handshake_era_replies_as_the_sdk_does(pair: Pair, sessions: Sessions, c
 
 
 @pytest.mark.parametrize(
-    ("capabilities", "fast_to_2026_upstream", "fast_to_handshake_upstream"),
-    [
-        ({}, True, True),
-        ({"roots": {"listChanged": True}}, False, True),
-        ({"elicitation": {"form": {}}}, False, False),
-        ({"sampling": {}}, False, False),
-    ],
+    "capabilities",
+    [{}, {"roots": {"listChanged": True}}, {"elicitation": {"form": {}}}, {"sampling": {}}],
     ids=["nothing declared", "roots", "elicitation", "sampling"],
 )
-def test_handshake_era_calls_take_the_fast_path_unless_the_client_could_be_asked_mid_call(
-    pair: Pair, capabilities: dict[str, Any], fast_to_2026_upstream: bool, fast_to_handshake_upstream: bool
-) -> None:
-    """Asking a client for input mid-call takes the session's back-channel, which only the SDK path has. A
-    2026-era upstream may ask for elicitation, sampling or roots (input_required); a handshake-era one pushes
-    elicitation or sampling (its roots/list is answered by the gateway's own client)."""
+def test_handshake_era_calls_take_the_fast_path(pair: Pair, capabilities: dict[str, Any]) -> None:
     session = served_session(pair.fast, pair.token, capabilities)
-    lanes = []
     for log, name, arguments in (
-        (pair.design_log, "get_part", {"part_id": "P-100"}),
-        (pair.old_log, "old_echo", {"text": "hi"}),
+        (pair.design_log, "get_part", {"part_id": "P-100"}),  # a 2026-era upstream
+        (pair.old_log, "old_echo", {"text": "hi"}),  # a handshake-era one
     ):
         start = log.count()
         assert call_in(pair.fast, pair.token, session, name, arguments).status_code == 200
-        lanes.append(str(upstream_id(log, start)).startswith("enclave-"))
-    assert lanes == [fast_to_2026_upstream, fast_to_handshake_upstream]
+        assert str(upstream_id(log, start)).startswith("enclave-")
+
+
+@pytest.mark.anyio
+async def test_the_agent_is_asked_on_the_calls_stream_as_on_the_sdk_path(pair: Pair) -> None:
+    """What an upstream asks of the agent mid-call reaches it, redacted, and its answer the upstream: a 2026-era
+    upstream's input_required result (the gateway asks, then retries) and a handshake-era upstream's pushed
+    elicitation (quoting its credential)."""
+    seen: dict[str, tuple[str, str, list[str]]] = {}
+    for route, url in (("fast", pair.fast), ("slow", pair.slow)):
+        asked: list[str] = []
+
+        async def answer(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+            asked.append(params.message)  # noqa: B023 - called before the loop moves on
+            return types.ElicitResult(action="accept", content={"confirm": True, "ok": True})
+
+        async with connect(url, pair.token, "legacy", elicitation_callback=answer) as client:
+            await client.list_tools()  # as a client does: the SDK path serves the session first
+            starts = pair.design_log.count(), pair.old_log.count()
+            deleted = await client.call_tool("confirm_delete", {"part_id": "P-100"})
+            used = await client.call_tool("old_leak_elicit", {})
+        seen[route] = (text(deleted), text(used), asked)
+        if route == "fast":  # both calls took the fast path; the first was retried with the agent's answer
+            retried = [m for m in pair.design_log.messages()[starts[0] :] if m["method"] == "tools/call"]
+            assert [str(m["id"]).startswith("enclave-") for m in retried] == [True, True]
+            assert "inputResponses" in retried[1]["params"]
+            assert str(upstream_id(pair.old_log, starts[1])).startswith("enclave-")
+    assert seen["fast"] == seen["slow"]
+    assert seen["fast"] == (
+        "P-100: confirmed",
+        "accept",
+        ["Really delete part P-100 (Hex bolt M8x40)?", "May I use the key [REDACTED]?"],
+    )
+    assert pair.secret not in json.dumps(seen)
+
+
+def text(result: types.CallToolResult) -> str:
+    return "\n".join(block.text for block in result.content if isinstance(block, types.TextContent))
 
 
 def test_handshake_era_fast_calls_are_audited_as_on_the_sdk_path(pair: Pair) -> None:
