@@ -149,6 +149,10 @@ class FastPath:
         if message.get("method") == "notifications/cancelled":
             self.sessions.cancel(session_id, message.get("params"))
             return False  # the SDK path acknowledges it (202), as for any notification
+        answer = "method" not in message  # the agent's answer to what a call asked it, if it is one here
+        parsed = None if answer else _tool_call(message)
+        if not answer and parsed is None:
+            return False
         request = Request(scope, receive)
         if not await self._transport_accepts(request) or not transport._check_content_type(request):
             return False
@@ -159,7 +163,7 @@ class FastPath:
         if isinstance(envelope, JSONRPCResponse | JSONRPCError) and self.sessions.answered(session_id, message):
             await _accepted(send, session_id)  # as the transport acknowledges a response
             return True
-        if not isinstance(envelope, JSONRPCRequest) or (parsed := _tool_call(message)) is None:
+        if parsed is None or not isinstance(envelope, JSONRPCRequest):
             return False
         name, arguments, meta = parsed
         connection = session._connection  # private to mcp 2.3 (pinned): the session's negotiated state

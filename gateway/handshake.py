@@ -17,9 +17,10 @@ call itself (gateway.fastpath), it must keep doing what the SDK does for the ses
   `SessionCalls.answered`). Their ids are strings (`enclave-ask-<n>`), the SDK's are integers, so an answer
   meant for the SDK's session is never taken here.
 
-The transport members read and kept here (`_requests_in_flight`, `_idle_timeout`, the manager's
-`_server_instances`) are private to mcp 2.3, pinned by `mcp==2.3.*` and covered by tests/test_fastpath.py, which
-compares both paths reply for reply.
+The SDK members the fast path reads and keeps (the manager's `_server_instances`, the transport's
+`_requests_in_flight`, `_idle_timeout` and `_check_content_type`, the session's `_connection`) are private to
+mcp 2.3, pinned by `mcp==2.3.*` and covered by tests/test_fastpath.py, which compares both paths reply for reply,
+and tests/test_handshake.py, which runs this module against the SDK's own transport.
 """
 
 from __future__ import annotations

@@ -73,3 +73,18 @@ async def test_an_ended_session_is_not_served(transport: StreamableHTTPServerTra
     await transport.terminate()
     assert calls.transport("s1") is None
     assert calls.transport("unknown") is None
+
+
+async def test_an_answer_is_taken_only_on_the_session_that_was_asked(transport: StreamableHTTPServerTransport) -> None:
+    """What a call asked the agent is answered by a POST on the same session with the same id; the SDK's own
+    requests (integer ids) and other sessions' answers are never taken."""
+    calls = SessionCalls({"s1": transport})
+    request_id, answer = calls.expect_answer("s1")
+    reply = {"jsonrpc": "2.0", "id": request_id, "result": {"action": "decline"}}
+    assert not calls.answered("s2", reply)
+    assert not calls.answered("s1", {**reply, "id": 1})
+    assert not answer.done()
+    assert calls.answered("s1", reply)
+    assert answer.result() == reply
+    calls.forget_answer("s1", request_id)
+    assert not calls.answered("s1", reply)
