@@ -239,6 +239,20 @@ async def throughput(url: str, token: str | None, era: str, clients: int, second
     return done / elapsed
 
 
+def children(pid: int) -> list[int]:
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+
+
+async def cpu_per_call(client: RawClient, params: dict[str, Any], calls: int) -> dict[int, float]:
+    """CPU milliseconds per sequential call of every process of ours (this one's children and theirs)."""
+    processes = [pid for child in children(os.getpid()) for pid in (child, *children(child))]
+    before = {pid: cpu_seconds(pid) for pid in processes}
+    await latencies(lambda: client.call("tools/call", params), calls)
+    return {pid: (cpu_seconds(pid) - before[pid]) / calls * 1000 for pid in processes}
+
+
 async def interleaved_latency(routes: dict[str, RawClient], calls: int, name: str, args: dict[str, Any]) -> dict:
     samples: dict[str, list[float]] = {route: [] for route in routes}
     rounds = 10
@@ -308,7 +322,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             tracing = {}
         # The upstream called directly gets what the gateway passes on to its stdio upstream: the same upstream.
         env = {"EVIL_GIANT": str(100 * 1024), **forwarded_environment(tracing)}
-        with direct_http_upstream(env) as (direct_url, _):
+        with direct_http_upstream(env) as (direct_url, direct_pid):
             report["cold_start_s"] = await cold_start(Path(tmp) / "cold", env, tracing)
             with gateway(Path(tmp) / "gw", env, args.durability, tracing) as (process, token):
                 pid = process.process.pid
@@ -322,9 +336,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     report["latency_ms"] = await interleaved_latency(routes, args.calls, "echo", {"text": "hi"})
                     report["latency_100kb_ms"] = await interleaved_latency(routes, args.calls // 4, "giant", {})
                     echo = {"name": "echo", "arguments": {"text": "hi"}}
-                    before = cpu_seconds(pid)
-                    await latencies(lambda: routes["gateway"].call("tools/call", echo), args.calls)
-                    report["gateway_cpu_ms_per_call"] = (cpu_seconds(pid) - before) / args.calls * 1000
+                    (upstream_pid,) = children(pid)  # the gateway's stdio upstream
+                    cpu = {route: await cpu_per_call(routes[route], echo, args.calls) for route in routes}
+                    report["gateway_cpu_ms_per_call"] = cpu["gateway"][pid]
+                    report["upstream_cpu_ms_per_call"] = {
+                        "stdio": cpu["gateway"][upstream_pid],
+                        "http": cpu["direct"][direct_pid],
+                    }
                 report["stdio_direct_latency_ms"] = await stdio_latency(env, args.calls)
                 report["throughput_calls_per_s"] = {}
                 for clients in (1, 8, 32):
@@ -356,6 +374,11 @@ def ratios(report: dict[str, Any]) -> list[str]:
         d, g = values["direct"], values["gateway"]
         lines.append(f"  {clients:>2} client(s)                          {d:8.0f} {g:9.0f} {g / d:7.2f}x")
     lines.append(f"gateway CPU per call: {report['gateway_cpu_ms_per_call']:.3f} ms")
+    upstream = report["upstream_cpu_ms_per_call"]
+    lines.append(
+        f"upstream CPU per call: {upstream['stdio']:.3f} ms over stdio (behind the gateway), "
+        f"{upstream['http']:.3f} ms over HTTP (called directly)"
+    )
     lines.append(f"cold start to first tools/list: {report['cold_start_s']:.2f} s")
     lines.append(
         f"gateway RSS: {report['rss_idle_mb']:.0f} MB idle, {report['rss_1000_sessions_mb']:.0f} MB with 1,000 sessions"
