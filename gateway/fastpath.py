@@ -45,9 +45,7 @@ from mcp.shared.inbound import (
     classify_inbound_request,
     find_duplicated_routing_header,
 )
-from mcp.shared.jsonrpc_dispatcher import handler_exception_to_error_data
 from mcp_types import (
-    ErrorData,
     InputRequiredResult,
     JSONRPCError,
     JSONRPCRequest,
@@ -264,7 +262,7 @@ class FastPath:
 
     async def _respond(self, send: Send, request_id: Any, outcome: str | Exception) -> None:
         if isinstance(outcome, Exception):
-            error = modern_error_data(outcome).model_dump(mode="json", by_alias=True, exclude_none=True)
+            error = _error_data(outcome)
             status = ERROR_CODE_HTTP_STATUS.get(error["code"], 200)
             payload = _error_message(request_id, error)
         else:
@@ -314,16 +312,19 @@ def _error_message(request_id: Any, error: dict[str, Any]) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}, separators=(",", ":")).encode()
 
 
+def _error_data(exc: Exception) -> dict[str, Any]:
+    """The wire error for what the pipeline raised: an MCPError, which the SDK maps alike in both eras."""
+    return modern_error_data(exc).model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 def _in_session_reply(request_id: Any, outcome: str | Exception | None) -> bytes:
     """The response message on a handshake-era session, as the SDK's dispatcher would write it (None: the call
     was cancelled, which the SDK's transport answers with REQUEST_CANCELLED)."""
     if isinstance(outcome, str):
         return _result_message(request_id, outcome)
     if outcome is None:
-        error = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
-    else:
-        error = handler_exception_to_error_data(outcome) or ErrorData(code=0, message=str(outcome))
-    return _error_message(request_id, error.model_dump(mode="json", by_alias=True, exclude_none=True))
+        return _error_message(request_id, {"code": REQUEST_CANCELLED, "message": "Request cancelled"})
+    return _error_message(request_id, _error_data(outcome))
 
 
 async def _unless_disconnected(receive: Receive, call: Awaitable[T]) -> T | None:
