@@ -48,6 +48,7 @@ from mcp.shared.inbound import (
 from mcp_types import (
     InputRequiredResult,
     JSONRPCError,
+    JSONRPCNotification,
     JSONRPCRequest,
     JSONRPCResponse,
     jsonrpc_message_adapter,
@@ -144,20 +145,22 @@ class FastPath:
         transport = self.sessions.transport(session_id)
         if session is None or transport is None:
             return False
-        if message.get("method") == "notifications/cancelled":
-            self.sessions.cancel(session_id, message.get("params"))
-            return False  # the SDK path acknowledges it (202), as for any notification
-        answer = "method" not in message  # the agent's answer to what a call asked it, if it is one here
-        parsed = None if answer else _tool_call(message)
-        if not answer and parsed is None:
+        method = message.get("method")
+        cancel = method == "notifications/cancelled"  # it may name a call this path is serving
+        answer = method is None  # the agent's answer to what a call asked it, if it is one here
+        parsed = None if cancel or answer else _tool_call(message)
+        if parsed is None and not (cancel or answer):
             return False
-        request = Request(scope, receive)
+        request = Request(scope, receive)  # whatever it is, it acts only if the transport would accept it
         if not await self._transport_accepts(request) or not transport._check_content_type(request):
             return False
         try:
             envelope = jsonrpc_message_adapter.validate_python(message, by_name=False)
         except ValidationError:
             return False
+        if cancel and isinstance(envelope, JSONRPCNotification):
+            self.sessions.cancel(session_id, message.get("params"))
+            return False  # the SDK path acknowledges it (202), as for any notification
         if isinstance(envelope, JSONRPCResponse | JSONRPCError) and self.sessions.answered(session_id, message):
             await _accepted(send, session_id)  # as the transport acknowledges a response
             return True

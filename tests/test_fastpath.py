@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx2
@@ -331,8 +332,12 @@ def test_handshake_era_fast_calls_are_audited_as_on_the_sdk_path(pair: Pair) -> 
 
 
 def audited_call(config: ConfigDir, session_id: str) -> dict[str, Any]:
-    rows = json.loads(config.cli("audit", "--agent", "agent", "--tool", "get_part", "--json").stdout)
-    return next(row for row in rows if row["session_id"] == session_id)
+    return audited(config, "get_part", session_id)[0]
+
+
+def audited(config: ConfigDir, tool: str, session_id: str) -> list[dict[str, Any]]:
+    rows = json.loads(config.cli("audit", "--agent", "agent", "--tool", tool, "--json").stdout)
+    return [row for row in rows if row["session_id"] == session_id]
 
 
 @pytest.mark.parametrize(
@@ -379,18 +384,17 @@ def test_another_agents_session_and_an_ended_one_do_not_exist_on_either_path(pai
     assert replies[0].status_code == 404
 
 
-def cancelled_call(url: str, token: str, session: dict[str, str], log: UpstreamLog) -> tuple[int, Any]:
-    """Start a long call, wait until it reaches the upstream, cancel it; its reply, once the upstream was told."""
+def cancelled_call(
+    url: str, token: str, session: dict[str, str], log: UpstreamLog, steps: int = 400, **cancel_headers: str
+) -> tuple[int, int, Any]:
+    """Start a call of `steps` steps of 50 ms, wait until it reaches the upstream, send notifications/cancelled for it
+    (with `cancel_headers`); the cancellation's HTTP status, then the call's reply."""
     start = log.count()
-
-    def upstream_got(method: str) -> bool:
-        return any(m["method"] == method for m in log.messages()[start:])
-
     body = {
         "jsonrpc": "2.0",
         "id": 9,
         "method": "tools/call",
-        "params": {"name": "slow_count", "arguments": {"n": 400}},
+        "params": {"name": "slow_count", "arguments": {"n": steps}},
     }
     headers = {
         "Content-Type": "application/json",
@@ -400,18 +404,48 @@ def cancelled_call(url: str, token: str, session: dict[str, str], log: UpstreamL
         **session,
     }
     with http().stream("POST", url, content=json.dumps(body), headers=headers) as response:
-        wait_for(lambda: upstream_got("tools/call"), "the call at the upstream")
+        wait_for(lambda: upstream_got(log, start, "tools/call"), "the call at the upstream")
         cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 9}}
-        assert raw_post(url, cancel, token, **session).status_code == 202
+        status = raw_post(url, cancel, token, **{**session, **cancel_headers}).status_code
         response.read()
-    wait_for(lambda: upstream_got("notifications/cancelled"), "the cancellation at the upstream")
-    return reply(response)
+    return (status, *reply(response))
+
+
+def upstream_got(log: UpstreamLog, start: int, method: str) -> bool:
+    return any(m["method"] == method for m in log.messages()[start:])
 
 
 def test_a_cancelled_call_ends_as_on_the_sdk_path(pair: Pair, sessions: Sessions) -> None:
-    """`notifications/cancelled` names the call: the upstream is told, and the call's stream (its head sent while
-    the call runs) ends with REQUEST_CANCELLED."""
-    fast = cancelled_call(pair.fast, pair.token, sessions.fast, pair.design_log)
-    slow = cancelled_call(pair.slow, pair.token, sessions.slow, pair.slow_design_log)
+    """`notifications/cancelled` names the call: the upstream is told, the call's stream (its head sent while
+    the call runs) ends with REQUEST_CANCELLED, and the audit rows of both paths agree."""
+    outcomes = []
+    for url, session, log in (
+        (pair.fast, sessions.fast, pair.design_log),
+        (pair.slow, sessions.slow, pair.slow_design_log),
+    ):
+        start = log.count()
+        outcomes.append(cancelled_call(url, pair.token, session, log))
+        wait_for(partial(upstream_got, log, start, "notifications/cancelled"), "the cancellation at the upstream")
     cancelled = {"jsonrpc": "2.0", "id": 9, "error": {"code": -32800, "message": "Request cancelled"}}
-    assert fast == slow == (200, cancelled)
+    assert outcomes[0] == outcomes[1] == (202, 200, cancelled)
+    fast_row, slow_row = (  # the newest row of each session's calls, which is the cancelled one
+        audited(config, "slow_count", session["Mcp-Session-Id"])[0]
+        for config, session in ((pair.fast_config, sessions.fast), (pair.slow_config, sessions.slow))
+    )
+    same = ("decision", "outcome", "reason", "error_code", "request_id")
+    assert {key: fast_row[key] for key in same} == {key: slow_row[key] for key in same}
+
+
+def test_a_cancellation_the_transport_refuses_cancels_nothing(pair: Pair, sessions: Sessions) -> None:
+    """A notifications/cancelled that the SDK's transport refuses (here a foreign Origin: DNS rebinding) is
+    refused alike on both paths, and the call it names runs to its end."""
+    outcomes = [
+        cancelled_call(url, pair.token, session, log, steps=60, Origin="http://evil.example")
+        for url, session, log in (
+            (pair.fast, sessions.fast, pair.design_log),
+            (pair.slow, sessions.slow, pair.slow_design_log),
+        )
+    ]
+    assert outcomes[0][:2] == outcomes[1][:2] == (403, 200)
+    assert outcomes[0][2] == outcomes[1][2]
+    assert outcomes[0][2]["result"]["content"][0]["text"] == "counted 60"
