@@ -65,7 +65,7 @@ from gateway.guard import AGENT_KEY, MESSAGE_KEY
 from gateway.handshake import SessionCalls
 from gateway.invocation import Invocation
 from gateway.peers import process_of
-from gateway.pipeline import AgentChannel, Gateway, forwardable_meta
+from gateway.pipeline import AgentChannel, Gateway, forwardable_meta, wire_form
 from gateway.view import ExposedTool
 
 SERVER_INFO_META_KEY = "io.modelcontextprotocol/serverInfo"
@@ -233,7 +233,7 @@ class FastPath:
                     if forwarded := forwardable_meta(meta):
                         params["_meta"] = forwarded
                     if responses is not None:  # a retry with the agent's answers, as the SDK's client sends it
-                        params["inputResponses"] = {key: _dumped(answer) for key, answer in responses.items()}
+                        params["inputResponses"] = {key: wire_form(answer) for key, answer in responses.items()}
                         if state is not None:
                             params["requestState"] = state
                     raw = await upstream.send_raw("tools/call", params, push)
@@ -245,7 +245,7 @@ class FastPath:
 
                 result = await self.gateway.with_input(channel, send)
                 if isinstance(result, BaseModel):
-                    result = _dumped(result)
+                    result = wire_form(result)
                 encoded = json.dumps(self._for_agent(call, self.gateway.scrubbed(call, result)), separators=(",", ":"))
                 self.gateway.count_out(call, len(encoded))
                 return encoded
@@ -296,10 +296,6 @@ def _tool_call(message: dict[str, Any]) -> tuple[str, dict[str, Any], Any] | Non
     return params["name"], arguments, meta
 
 
-def _dumped(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(by_alias=True, exclude_none=True, mode="json")
-
-
 async def _accepted(send: Send, session_id: str) -> None:
     headers = [*_JSON_HEADERS, (b"mcp-session-id", session_id.encode()), (b"content-length", b"0")]
     await send({"type": "http.response.start", "status": 202, "headers": headers})
@@ -317,7 +313,7 @@ def _error_message(request_id: Any, error: dict[str, Any]) -> bytes:
 
 def _error_data(exc: Exception) -> dict[str, Any]:
     """The wire error for what the pipeline raised: an MCPError, which the SDK maps alike in both eras."""
-    return modern_error_data(exc).model_dump(mode="json", by_alias=True, exclude_none=True)
+    return wire_form(modern_error_data(exc))
 
 
 def _in_session_reply(request_id: Any, outcome: str | Exception | None) -> bytes:

@@ -41,6 +41,8 @@ from mcp_types import CONNECTION_CLOSED, ErrorData, RequestId, methods
 from pydantic import BaseModel
 from starlette.types import Send
 
+from gateway.pipeline import wire_form
+
 T = TypeVar("T")
 ResultT = TypeVar("ResultT", bound=BaseModel)
 
@@ -191,7 +193,7 @@ class EventStream:
     async def ask(self, request: BaseModel, result_type: type[ResultT]) -> ResultT:
         """Ask the agent `request` on this stream and return its answer, as the SDK's `ServerSession.send_request`
         does for a request related to the call: an error answer raises MCPError, a result is validated."""
-        data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
+        data = wire_form(request)
         request_id, answer = self._calls.expect_answer(self._session_id)
         self._asking[request_id] = answer
         try:

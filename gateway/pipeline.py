@@ -93,6 +93,11 @@ class AgentChannel:
     send_request: Callable[[Any, type[BaseModel]], Awaitable[Any]] | None
 
 
+def wire_form(model: BaseModel) -> dict[str, Any]:
+    """A model as its JSON goes on the wire (aliases, no unset optionals)."""
+    return model.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
 def forwardable_meta(meta: Any) -> dict[str, Any] | None:
     """The agent's `_meta` minus protocol identity keys (the upstream session stamps its own) and the
     progress token (the SDK assigns the upstream one and progress is relayed by closure)."""
@@ -510,7 +515,7 @@ class Gateway:
                 and session_id in self._log_levels
                 and severity >= LOG_LEVELS.index(self._log_levels[session_id])
             ]
-            redacted = self.redactor.value(notification.model_dump(by_alias=True, exclude_none=True, mode="json"))
+            redacted = self.redactor.value(wire_form(notification))
             notification = types.LoggingMessageNotification.model_validate(redacted)
         for session_id in targets:
             if (entry := self._legacy_sessions.get(session_id)) is not None:
@@ -542,7 +547,7 @@ class Gateway:
         it can answer. Whatever fails is answered to the upstream as an error; the agent's request goes on."""
 
         async def ask(method: str, params: BaseModel) -> Any:
-            data = self.redactor.value(params.model_dump(by_alias=True, exclude_none=True, mode="json"))
+            data = self.redactor.value(wire_form(params))
             request = _PUSHED_REQUESTS[method].model_validate({"method": method, "params": data})
             try:
                 self.check_input_capabilities(channel.declared, {method: request})
@@ -627,7 +632,7 @@ class Gateway:
         return result
 
     def _redacted(self, model: ResultT) -> ResultT:
-        data = self.redactor.value(model.model_dump(by_alias=True, exclude_none=True, mode="json"))
+        data = self.redactor.value(wire_form(model))
         return type(model).model_validate(data, by_name=False)
 
     def check_input_capabilities(self, declared: Any, requests: dict[str, Any]) -> None:
@@ -646,7 +651,7 @@ class Gateway:
 
     def _finish(self, call: Invocation, result: ResultT) -> ResultT:
         """The SDK path's result, scrubbed and measured (the fast path measures the reply it encodes instead)."""
-        cleaned = self.scrubbed(call, result.model_dump(by_alias=True, exclude_none=True, mode="json"))
+        cleaned = self.scrubbed(call, wire_form(result))
         self.count_out(call, len(json.dumps(cleaned, separators=(",", ":"))))
         return type(result).model_validate(cleaned, by_name=False)
 
